@@ -1,0 +1,32 @@
+"""scvi-cellplm: CellPLM (cells as tokens) as a first-class scvi-tools model."""
+
+from __future__ import annotations
+
+import logging
+
+from . import data, datasets, io, module, train
+from ._constants import SLOTS
+from ._exceptions import CellPLMError, CheckpointError, GeneAlignmentError, InputDataError
+from ._presets import PAPER, PRESETS, SMALL_CPU
+from .model import CellPLM
+
+__version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "PAPER",
+    "PRESETS",
+    "SLOTS",
+    "SMALL_CPU",
+    "CellPLM",
+    "CellPLMError",
+    "CheckpointError",
+    "GeneAlignmentError",
+    "InputDataError",
+    "data",
+    "datasets",
+    "io",
+    "module",
+    "train",
+]

@@ -1,0 +1,190 @@
+"""Data loading by whole sentences, on top of scvi-tools' AnnTorchDataset."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .._constants import SENTENCE_KEY
+from ._sentences import make_sentences, pack_sentences
+
+INDICES_KEY = "_obs_indices"
+"""Key of the obs indices of the cells of a mini-batch (in the order of the mini-batch)."""
+
+
+class SentenceDataset(Dataset):
+    """Fetch the cells of several sentences in one call, with per-cell sentence ids.
+
+    Items are lists of sentences (arrays of obs indices). Cells come back sorted by obs index
+    (what backed AnnData needs); ``SENTENCE_KEY`` holds each cell's sentence number within the
+    mini-batch and ``INDICES_KEY`` its obs index.
+    """
+
+    def __init__(self, adata_manager, load_sparse_tensor: bool = False) -> None:
+        self.inner = adata_manager.create_torch_dataset(load_sparse_tensor=load_sparse_tensor)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, sentences: list[np.ndarray]) -> dict:
+        idx = np.concatenate(sentences)
+        sid = np.repeat(np.arange(len(sentences)), [len(s) for s in sentences])
+        order = np.argsort(idx, kind="stable")
+        idx, sid = idx[order], sid[order]
+        data = self.inner[idx]
+        data = {k: v if torch.is_tensor(v) else torch.as_tensor(v) for k, v in data.items()}
+        data[SENTENCE_KEY] = torch.as_tensor(sid, dtype=torch.long)
+        data[INDICES_KEY] = torch.as_tensor(idx, dtype=torch.long)
+        return data
+
+
+class SentenceSampler(Sampler):
+    """Yield mini-batches of whole sentences, each at most ``max_cells`` cells.
+
+    With ``num_replicas > 1`` (DDP), mini-batches are dealt round-robin to ranks after a shuffle
+    seeded by ``seed + epoch``, so ranks see disjoint cells; the last ranks may get one batch fewer
+    unless ``pad=True`` repeats batches to equalise counts.
+    """
+
+    def __init__(
+        self,
+        sentences: list[np.ndarray],
+        max_cells: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        pad: bool = True,
+    ) -> None:
+        self.sentences = sentences
+        self.max_cells = max_cells
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.pad = pad
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the shuffle (Lightning calls this at the start of every epoch)."""
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[np.ndarray]]:
+        order = np.arange(len(self.sentences))
+        if self.shuffle:
+            order = np.random.default_rng(self.seed + self.epoch).permutation(order)
+        packed = pack_sentences([self.sentences[i] for i in order], self.max_cells)
+        batches = [[self.sentences[order[j]] for j in b] for b in packed]
+        if self.num_replicas > 1:
+            if self.pad and len(batches) % self.num_replicas:
+                extra = self.num_replicas - len(batches) % self.num_replicas
+                batches = batches + batches[:extra]
+            batches = batches[self.rank :: self.num_replicas]
+        return batches
+
+    def __iter__(self):
+        self.epoch_batches = self._batches()
+        yield from self.epoch_batches
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def sentence_dataloader(
+    adata_manager,
+    sentences: list[np.ndarray],
+    max_cells: int,
+    *,
+    shuffle: bool = False,
+    load_sparse_tensor: bool = False,
+    seed: int = 0,
+    **kwargs,
+) -> DataLoader:
+    """A :class:`~torch.utils.data.DataLoader` over whole sentences."""
+    sampler = SentenceSampler(sentences, max_cells, shuffle=shuffle, seed=seed)
+    dataset = SentenceDataset(adata_manager, load_sparse_tensor=load_sparse_tensor)
+    kwargs.setdefault("num_workers", 0)
+    return DataLoader(dataset, sampler=sampler, batch_size=None, **kwargs)
+
+
+class SentenceDataSplitter(pl.LightningDataModule):
+    """Split cells into training and validation *within each sample*, then build sentences.
+
+    Parameters
+    ----------
+    adata_manager
+        The model's :class:`~scvi.data.AnnDataManager`.
+    sample_codes
+        Sample code of each cell.
+    max_cells
+        Cell budget of a sentence and of a mini-batch.
+    window_features
+        See :func:`~scvi_cellplm.data.make_sentences`.
+    validation_size
+        Fraction of each sample's cells held out for validation (0 disables validation).
+    seed
+        Seed of the split and of the shuffling.
+    """
+
+    def __init__(
+        self,
+        adata_manager,
+        sample_codes: np.ndarray,
+        max_cells: int,
+        window_features: Callable[[np.ndarray], np.ndarray] | None = None,
+        validation_size: float = 0.1,
+        seed: int = 0,
+        **loader_kwargs,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= validation_size < 1.0:
+            raise ValueError(f"`validation_size` must be in [0, 1), got {validation_size}.")
+        self.adata_manager = adata_manager
+        self.max_cells = max_cells
+        self.window_features = window_features
+        self.seed = seed
+        self.loader_kwargs = loader_kwargs
+        self.sample_codes = np.asarray(sample_codes).reshape(-1)
+        rng = np.random.default_rng(seed)
+        train, val = [], []
+        for code in np.unique(self.sample_codes):
+            members = np.flatnonzero(self.sample_codes == code)
+            members = rng.permutation(members)
+            n_val = int(np.floor(validation_size * len(members)))
+            if len(members) - n_val < 1:
+                n_val = 0
+            val.append(members[:n_val])
+            train.append(members[n_val:])
+        self.train_idx = np.sort(np.concatenate(train))
+        self.val_idx = np.sort(np.concatenate(val)) if val else np.array([], dtype=int)
+        self.test_idx = np.array([], dtype=int)
+        self.n_train, self.n_val = len(self.train_idx), len(self.val_idx)
+
+    def _loader(self, indices: np.ndarray, shuffle: bool) -> DataLoader:
+        sentences = make_sentences(
+            self.sample_codes, self.max_cells, self.window_features, indices=indices
+        )
+        return sentence_dataloader(
+            self.adata_manager, sentences, self.max_cells, shuffle=shuffle, seed=self.seed,
+            **self.loader_kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_idx, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_idx, shuffle=False) if self.n_val else []
+
+
+__all__ = [
+    "INDICES_KEY",
+    "SentenceDataSplitter",
+    "SentenceDataset",
+    "SentenceSampler",
+    "sentence_dataloader",
+]

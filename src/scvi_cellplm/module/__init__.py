@@ -1,0 +1,25 @@
+"""Pure-torch CellPLM network and its parts."""
+
+from ._module import CellPLMModule
+from .attention import FlowAttention, SoftmaxAttention
+from .decoder import NBDecoder
+from .embedder import GeneEmbedder
+from .encoder import CellEncoder
+from .latent import GMVAELatent, VAELatent
+from .masking import sample_input_mask, sample_kept_cells
+from .positional import PositionalEncoding, normalize_coordinates
+
+__all__ = [
+    "CellPLMModule",
+    "CellEncoder",
+    "FlowAttention",
+    "GMVAELatent",
+    "GeneEmbedder",
+    "NBDecoder",
+    "PositionalEncoding",
+    "SoftmaxAttention",
+    "VAELatent",
+    "normalize_coordinates",
+    "sample_input_mask",
+    "sample_kept_cells",
+]

@@ -1,0 +1,302 @@
+"""CellPLMModule: the pure-torch CellPLM network (no AnnData in here)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from scvi.distributions import NegativeBinomial
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from torch.distributions import Normal
+
+from .._constants import MODULE_KEYS, REGISTRY_KEYS, SENTENCE_KEY
+from ._norm import Norm
+from .attention import AttentionKind
+from .decoder import NBDecoder
+from .embedder import GeneEmbedder
+from .encoder import CellEncoder
+from .latent import LatentDistribution, make_latent
+from .positional import PositionalEncoding, PositionalEncodingKind
+
+
+class CellPLMModule(BaseModuleClass):
+    """CellPLM: cells of one sentence are the tokens of a transformer.
+
+    Data flow: counts ``(n_cells, n_input)`` → :class:`~.embedder.GeneEmbedder` (+ positional
+    encoding of coordinates) → :class:`~.encoder.CellEncoder` (attention within each sentence) →
+    latent (VAE or GMVAE) → :class:`~.decoder.NBDecoder` over the gene vocabulary.
+
+    Parameters
+    ----------
+    n_input
+        Number of input genes (columns of the registered counts).
+    n_genes
+        Size of the gene vocabulary (rows of the gene table, outputs of the decoder). Defaults to
+        ``n_input``.
+    gene_index
+        For each input gene, its row in the vocabulary, or -1 when it is not in the vocabulary
+        (such genes are ignored by the embedder and the loss, and predicted as 0). ``None`` means
+        the identity (``n_genes == n_input``).
+    n_batch, n_dataset
+        Categories of the decoder's batch and dataset embeddings (0 = none).
+    n_hidden, n_layers, n_heads
+        Width, depth and heads of the transformer.
+    n_latent
+        Dimension of the cell embedding.
+    n_decoder_layers
+        Decoder layers, counting the output head (at least 2).
+    n_clusters
+        Mixture components of the GMVAE prior.
+    latent_distribution
+        ``"gmvae"`` (paper) or ``"vae"``.
+    attention
+        ``"flowformer"`` (linear cost, paper) or ``"sdpa"`` (softmax attention).
+    positional_encoding
+        ``"sinusoidal"``, ``"learned"`` or ``"none"``; needs coordinates unless ``"none"``.
+    n_spatial_dims
+        Columns of the coordinates (2 or 3).
+    norm
+        Normalisation of embedder and decoder (``"groupnorm"`` in the official checkpoints).
+    dropout
+        Dropout everywhere.
+    kl_free_bits
+        Free bits: each latent loss term is floored at this value (the official ``lamda``).
+    gmvae_gaussian_weight, gmvae_categorical_weight
+        Weights of the GMVAE's Gaussian and categorical terms.
+    masked_recon_weight
+        Weight of the reconstruction of the hidden entries (the denoising term) next to the
+        reconstruction of all genes of the masked cells.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        *,
+        n_genes: int | None = None,
+        gene_index: torch.Tensor | None = None,
+        n_batch: int = 0,
+        n_dataset: int = 0,
+        n_hidden: int = 128,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        n_latent: int = 32,
+        n_decoder_layers: int = 2,
+        n_clusters: int = 16,
+        latent_distribution: LatentDistribution = "gmvae",
+        attention: AttentionKind = "flowformer",
+        positional_encoding: PositionalEncodingKind = "none",
+        n_spatial_dims: int = 2,
+        norm: Norm = "layernorm",
+        dropout: float = 0.1,
+        kl_free_bits: float = 0.5,
+        gmvae_gaussian_weight: float = 1.0,
+        gmvae_categorical_weight: float = 1.0,
+        masked_recon_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        n_genes = n_input if n_genes is None else n_genes
+        if gene_index is not None:
+            gene_index = torch.as_tensor(gene_index, dtype=torch.long)
+            if gene_index.shape != (n_input,) or int(gene_index.max()) >= n_genes:
+                raise ValueError("`gene_index` must hold one vocabulary row (or -1) per input gene.")
+        self.register_buffer("gene_index", gene_index)
+        self.n_input, self.n_genes = n_input, n_genes
+        self.n_latent = n_latent
+        self.latent_distribution = latent_distribution
+        self.positional_encoding = positional_encoding
+        self.kl_free_bits = kl_free_bits
+        self.gmvae_gaussian_weight = gmvae_gaussian_weight
+        self.gmvae_categorical_weight = gmvae_categorical_weight
+        self.masked_recon_weight = masked_recon_weight
+
+        self.embedder = GeneEmbedder(n_genes, n_hidden, dropout=dropout, norm=norm)
+        self.pos_encoder = (
+            None
+            if positional_encoding == "none"
+            else PositionalEncoding(n_hidden, n_dims=n_spatial_dims, kind=positional_encoding)
+        )
+        self.encoder = CellEncoder(n_hidden, n_layers, n_heads, attention=attention, dropout=dropout)
+        self.latent = make_latent(latent_distribution, n_hidden, n_latent, n_clusters)
+        self.decoder = NBDecoder(
+            n_latent,
+            n_hidden,
+            n_genes,
+            n_layers=n_decoder_layers,
+            dropout=dropout,
+            norm=norm,
+            n_batch=n_batch,
+            n_dataset=n_dataset,
+        )
+
+    # ---------------------------------------------------------------- inputs
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
+        return {
+            MODULE_KEYS.X_KEY: tensors[REGISTRY_KEYS.X_KEY],
+            MODULE_KEYS.SENTENCE_KEY: tensors[SENTENCE_KEY],
+            MODULE_KEYS.COORDS_KEY: tensors.get(REGISTRY_KEYS.SPATIAL_KEY),
+        }
+
+    def _get_generative_input(self, tensors: dict, inference_outputs: dict) -> dict:
+        batch = tensors.get(REGISTRY_KEYS.BATCH_KEY)
+        return {
+            MODULE_KEYS.Z_KEY: inference_outputs[MODULE_KEYS.Z_KEY],
+            MODULE_KEYS.LIBRARY_KEY: inference_outputs[MODULE_KEYS.LIBRARY_KEY],
+            MODULE_KEYS.BATCH_INDEX_KEY: batch,
+        }
+
+    # ---------------------------------------------------------------- pieces
+    @property
+    def input_gene_mask(self) -> torch.Tensor | None:
+        """Input genes that are in the vocabulary (``None`` when all are)."""
+        return None if self.gene_index is None else self.gene_index >= 0
+
+    def embed(
+        self,
+        x: torch.Tensor,
+        sentence: torch.Tensor,
+        coords: torch.Tensor | None = None,
+        input_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Contextualised cell tokens ``(n_cells, n_hidden)`` (before the latent layer)."""
+        if input_mask is not None:
+            x = _dense(x).masked_fill(input_mask, 0.0)
+        positional = None
+        if self.pos_encoder is not None:
+            if coords is None:
+                raise ValueError(
+                    f"positional_encoding={self.positional_encoding!r} needs coordinates: "
+                    "register them with `setup_anndata(..., spatial_key=...)`."
+                )
+            positional = self.pos_encoder(coords, sentence)
+        h = self.embedder(x, self.gene_index, positional)
+        return self.encoder(h, sentence)
+
+    # ---------------------------------------------------------------- scvi-tools API
+    @auto_move_data
+    def inference(
+        self,
+        x: torch.Tensor,
+        sentence: torch.Tensor,
+        coords: torch.Tensor | None = None,
+        input_mask: torch.Tensor | None = None,
+        sample: bool | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Encode cells; ``sample`` defaults to ``self.training`` (eval is deterministic)."""
+        sample = self.training if sample is None else sample
+        sentence = sentence.view(-1).long()
+        h = self.embed(x, sentence, coords, input_mask)
+        out = self.latent(h, sample=sample)
+        library = _row_sum(x, self.input_gene_mask)
+        outputs = {
+            MODULE_KEYS.HIDDEN_KEY: h,
+            MODULE_KEYS.Z_KEY: out["z"],
+            MODULE_KEYS.QZM_KEY: out["qzm"],
+            MODULE_KEYS.QZ_KEY: Normal(out["qzm"], out["qzv"].sqrt()),
+            MODULE_KEYS.LIBRARY_KEY: library,
+            MODULE_KEYS.LATENT_LOSS_KEY: self._latent_loss(out),
+        }
+        if "cluster_probs" in out:
+            outputs[MODULE_KEYS.CLUSTER_PROBS_KEY] = out["cluster_probs"]
+        return outputs
+
+    @auto_move_data
+    def generative(
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor,
+        batch_index: torch.Tensor | None = None,
+        dataset_index: torch.Tensor | None = None,
+    ) -> dict:
+        """Negative-binomial parameters over the input genes."""
+        mean, theta = self.decoder(z, batch_index, dataset_index)
+        if self.gene_index is not None:
+            keep = self.input_gene_mask
+            mean = mean[:, self.gene_index.clamp(min=0)] * keep
+            theta = theta[self.gene_index.clamp(min=0)]
+        scale = mean / mean.sum(dim=1, keepdim=True)
+        rate = scale * library.view(-1, 1)
+        return {
+            MODULE_KEYS.PX_SCALE_KEY: scale,
+            MODULE_KEYS.PX_THETA_KEY: theta,
+            MODULE_KEYS.PX_KEY: NegativeBinomial(mu=rate.clamp(min=1e-8), theta=theta),
+        }
+
+    def _latent_loss(self, out: dict) -> dict[str, torch.Tensor]:
+        floor = self.kl_free_bits
+        if self.latent_distribution == "gmvae":
+            return {
+                "kl_gaussian": self.gmvae_gaussian_weight * out["kl_gaussian"].clamp(min=floor),
+                "kl_categorical": self.gmvae_categorical_weight
+                * out["kl_categorical"].clamp(min=floor),
+            }
+        return {"kl_gaussian": out["kl"].clamp(min=floor)}
+
+    def loss(
+        self,
+        tensors: dict,
+        inference_outputs: dict,
+        generative_outputs: dict,
+        input_mask: torch.Tensor | None = None,
+        kl_weight: float = 1.0,
+    ) -> LossOutput:
+        """Masked negative-binomial reconstruction plus the (weighted, floored) latent loss.
+
+        Reconstruction covers every gene of the cells that had entries hidden (all cells when
+        ``input_mask`` is None), plus ``masked_recon_weight`` × the hidden entries alone with the
+        library rescaled to them. Genes outside the vocabulary never count.
+        """
+        x = _dense(tensors[REGISTRY_KEYS.X_KEY])
+        scale = generative_outputs[MODULE_KEYS.PX_SCALE_KEY]
+        theta = generative_outputs[MODULE_KEYS.PX_THETA_KEY]
+        valid = self.input_gene_mask
+        valid = torch.ones(x.shape[1], dtype=torch.bool, device=x.device) if valid is None else valid
+        if input_mask is None:
+            cells = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        else:
+            cells = input_mask.any(dim=1)
+        x_c, scale_c = x[cells][:, valid], scale[cells][:, valid]
+        recon = _nb_nll(x_c, scale_c, theta[valid])
+        terms = {"recon_cells": recon}
+        if input_mask is not None and self.masked_recon_weight > 0:
+            hidden = input_mask[cells][:, valid]
+            masked = _nb_nll(x_c * hidden, scale_c * hidden, theta[valid], entries=hidden)
+            terms["recon_masked"] = self.masked_recon_weight * masked
+            recon = recon + terms["recon_masked"]
+        latent = inference_outputs[MODULE_KEYS.LATENT_LOSS_KEY]
+        kl = sum(latent.values())
+        total = recon + kl_weight * kl
+        return LossOutput(
+            loss=total,
+            reconstruction_loss=recon.expand(1),
+            kl_local=kl.expand(1),
+            extra_metrics={**terms, **latent},
+        )
+
+    @torch.inference_mode()
+    def sample(self, tensors: dict, n_samples: int = 1) -> torch.Tensor:
+        """Draw counts from the generative model given the cells in ``tensors``."""
+        _, gen = self.forward(tensors, compute_loss=False)
+        return gen[MODULE_KEYS.PX_KEY].sample((n_samples,)).squeeze(0)
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    return x.to_dense() if (x.is_sparse or x.layout == torch.sparse_csr) else x
+
+
+def _row_sum(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    x = _dense(x)
+    return (x if keep is None else x[:, keep]).sum(dim=1)
+
+
+def _nb_nll(
+    x: torch.Tensor, scale: torch.Tensor, theta: torch.Tensor, entries: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over cells of the summed NB negative log-likelihood, library matched to ``x``."""
+    if x.shape[0] == 0:
+        return x.new_zeros(())
+    lib = x.sum(dim=1, keepdim=True)
+    mu = scale / scale.sum(dim=1, keepdim=True).clamp(min=1e-12) * lib
+    nll = -NegativeBinomial(mu=mu.clamp(min=1e-8), theta=theta.expand_as(mu)).log_prob(x)
+    if entries is not None:
+        nll = nll * entries
+    return nll.sum(dim=-1).mean()

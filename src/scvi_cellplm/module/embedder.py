@@ -1,0 +1,58 @@
+"""Expression embedder: ``log1p(counts) @ gene_table`` followed by a small MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._norm import Norm, make_norm
+
+
+def log1p_matmul(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``log1p(x) @ table`` for dense or sparse (CSR/COO) ``x`` without densifying it."""
+    if x.is_sparse or x.layout == torch.sparse_csr:
+        return torch.sparse.mm(torch.log1p(x), table)
+    return torch.log1p(x) @ table
+
+
+class GeneEmbedder(nn.Module):
+    """Embed each cell as the log1p-weighted sum of learned gene vectors.
+
+    Parameters
+    ----------
+    n_genes
+        Rows of the gene-embedding table (the model's gene vocabulary).
+    n_hidden
+        Width of the cell tokens.
+    dropout
+        Dropout after the projection.
+    norm
+        Normalisation after the projection.
+    """
+
+    def __init__(self, n_genes: int, n_hidden: int, *, dropout: float, norm: Norm) -> None:
+        super().__init__()
+        self.gene_table = nn.Parameter(torch.randn(n_genes, n_hidden) * 0.005)
+        self.proj = nn.Linear(n_hidden, n_hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = make_norm(norm, n_hidden)
+
+    def table_for(self, gene_index: torch.Tensor | None) -> torch.Tensor:
+        """Gene vectors of the input columns; zero rows for genes outside the vocabulary."""
+        if gene_index is None:
+            return self.gene_table
+        table = self.gene_table[gene_index.clamp(min=0)]
+        return table * (gene_index >= 0).unsqueeze(-1).to(table.dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        gene_index: torch.Tensor | None = None,
+        positional: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Cell tokens ``(n_cells, n_hidden)`` from counts ``(n_cells, n_input)``."""
+        h = log1p_matmul(x, self.table_for(gene_index))
+        if positional is not None:
+            h = h + positional
+        return self.norm(self.dropout(F.relu(self.proj(h))))

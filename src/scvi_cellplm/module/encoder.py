@@ -1,0 +1,70 @@
+"""The cell-token transformer: pre-norm blocks attending across the cells of each sentence."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import AttentionKind, make_attention
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + ff(norm2(x))``."""
+
+    def __init__(self, n_hidden: int, n_heads: int, *, attention: AttentionKind, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(n_hidden)
+        self.attn = make_attention(attention, n_hidden, n_heads, dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(n_hidden)
+        self.ff = nn.Sequential(
+            nn.Linear(n_hidden, 2 * n_hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(2 * n_hidden, n_hidden),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), valid))
+        return x + self.ff(self.norm2(x))
+
+
+def pad_sentences(h: torch.Tensor, sentence: torch.Tensor):
+    """Pack cells ``(n, d)`` into padded sentences ``(b, length, d)``.
+
+    Returns the padded tensor, the validity mask and the ``(row, position)`` of each cell, so
+    ``padded[row, position]`` gives back ``h``.
+    """
+    _, inverse, counts = torch.unique(sentence, return_inverse=True, return_counts=True)
+    order = torch.argsort(inverse, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.empty_like(inverse)
+    position[order] = torch.arange(len(order), device=h.device) - starts[inverse[order]]
+    padded = h.new_zeros(len(counts), int(counts.max()), h.shape[-1])
+    padded[inverse, position] = h
+    valid = torch.zeros(padded.shape[:2], dtype=torch.bool, device=h.device)
+    valid[inverse, position] = True
+    return padded, valid, (inverse, position)
+
+
+class CellEncoder(nn.Module):
+    """Stack of :class:`Block` followed by a LayerNorm (the official pre-latent norm)."""
+
+    def __init__(
+        self, n_hidden: int, n_layers: int, n_heads: int, *, attention: AttentionKind, dropout: float
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            Block(n_hidden, n_heads, attention=attention, dropout=dropout) for _ in range(n_layers)
+        )
+        self.final_norm = nn.LayerNorm(n_hidden)
+
+    def forward(self, h: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
+        """Contextualised tokens ``(n_cells, n_hidden)``; cells attend only within their sentence."""
+        if h.shape[0] == 0:
+            return self.final_norm(h)
+        x, valid, where = pad_sentences(h, sentence)
+        for block in self.blocks:
+            x = block(x, valid)
+        return self.final_norm(x[where])

@@ -1,0 +1,104 @@
+"""Latent layers: a Gaussian VAE and a Gaussian-mixture VAE (GMVAE) with a learned prior.
+
+Both are deterministic in evaluation (posterior mean; for the GMVAE, the most likely cluster),
+unlike the official code whose GMVAE draws a Gumbel sample even in ``eval()``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LatentDistribution = Literal["gmvae", "vae"]
+
+
+def _log_normal(x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    var = var + 1e-8
+    return -0.5 * torch.sum(math.log(2.0 * math.pi) + torch.log(var) + (x - mu) ** 2 / var, dim=-1)
+
+
+class VAELatent(nn.Module):
+    """Diagonal Gaussian posterior with a standard normal prior."""
+
+    def __init__(self, n_hidden: int, n_latent: int) -> None:
+        super().__init__()
+        self.mean = nn.Linear(n_hidden, n_latent)
+        self.log_var = nn.Linear(n_hidden, n_latent)
+
+    def forward(self, h: torch.Tensor, *, sample: bool) -> dict[str, torch.Tensor]:
+        mu = self.mean(h)
+        var = self.log_var(h).clamp(-5.0, 5.0).exp() + 1e-4
+        z = mu + var.sqrt() * torch.randn_like(mu) if sample else mu
+        kl = -0.5 * (1 + var.log() - mu**2 - var).sum(dim=1)
+        return {"z": z, "qzm": mu, "qzv": var, "kl": kl.mean()}
+
+
+class GMVAELatent(nn.Module):
+    """Gaussian-mixture VAE: ``q(y|h)`` over clusters, ``q(z|h,y)``, learned prior ``p(z|y)``.
+
+    Parameters
+    ----------
+    n_hidden
+        Width of the encoder output.
+    n_latent
+        Dimension of ``z``.
+    n_clusters
+        Mixture components.
+    n_cluster_hidden
+        Width of the hidden layer of ``q(z|h,y)`` (512 in the official checkpoints).
+    """
+
+    def __init__(
+        self, n_hidden: int, n_latent: int, n_clusters: int, n_cluster_hidden: int = 512
+    ) -> None:
+        super().__init__()
+        self.n_clusters = n_clusters
+        self.cluster_logits = nn.Linear(n_hidden, n_clusters)
+        self.hidden = nn.Linear(n_hidden + n_clusters, n_cluster_hidden)
+        self.mean = nn.Linear(n_cluster_hidden, n_latent)
+        self.var = nn.Linear(n_cluster_hidden, n_latent)
+        self.prior_mean = nn.Linear(n_clusters, n_latent)
+        self.prior_var = nn.Linear(n_clusters, n_latent)
+
+    def forward(
+        self, h: torch.Tensor, *, sample: bool, temperature: float = 1.0
+    ) -> dict[str, torch.Tensor]:
+        logits = self.cluster_logits(h)
+        probs = F.softmax(logits, dim=-1)
+        if sample:  # relaxed (Gumbel-softmax) cluster sample, as in training of the paper model
+            gumbel = -torch.log(-torch.log(torch.rand_like(logits) + 1e-20) + 1e-20)
+            y = F.softmax((logits + gumbel) / temperature, dim=-1)
+        else:  # deterministic: the most likely cluster
+            y = F.one_hot(logits.argmax(dim=-1), self.n_clusters).to(h.dtype)
+        hidden = F.relu(self.hidden(torch.cat([h, y], dim=1)))
+        mu = self.mean(hidden)
+        var = F.softplus(self.var(hidden))
+        z = mu + torch.sqrt(var + 1e-10) * torch.randn_like(mu) if sample else mu
+        prior_mu, prior_var = self.prior_mean(y), F.softplus(self.prior_var(y))
+        gaussian = (_log_normal(z, mu, var) - _log_normal(z, prior_mu, prior_var)).mean()
+        categorical = (probs * F.log_softmax(logits, dim=-1)).sum(-1).mean() + math.log(
+            self.n_clusters
+        )
+        return {
+            "z": z,
+            "qzm": mu,
+            "qzv": var,
+            "cluster_probs": probs,
+            "kl_gaussian": gaussian,
+            "kl_categorical": categorical,
+        }
+
+
+def make_latent(
+    kind: LatentDistribution, n_hidden: int, n_latent: int, n_clusters: int
+) -> nn.Module:
+    """Latent layer called ``kind``."""
+    if kind == "gmvae":
+        return GMVAELatent(n_hidden, n_latent, n_clusters)
+    if kind == "vae":
+        return VAELatent(n_hidden, n_latent)
+    raise ValueError(f"`latent_distribution` must be 'gmvae' or 'vae', got {kind!r}.")

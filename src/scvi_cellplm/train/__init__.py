@@ -1,0 +1,5 @@
+"""Training plans."""
+
+from ._plan import CellPLMTrainingPlan
+
+__all__ = ["CellPLMTrainingPlan"]

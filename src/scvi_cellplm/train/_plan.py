@@ -1,0 +1,154 @@
+"""Training plan for masked-reconstruction pretraining of CellPLM."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from scvi.train import TrainingPlan
+
+from .._constants import REGISTRY_KEYS, SENTENCE_KEY
+from ..module.masking import sample_input_mask, sample_kept_cells
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    return x.to_dense() if (x.is_sparse or x.layout == torch.sparse_csr) else x
+
+
+class CellPLMTrainingPlan(TrainingPlan):
+    """Lightning plan: corrupt each mini-batch, reconstruct it, optimise with AdamW.
+
+    Each step drops ``drop_cell_rate`` of every sentence's cells (training only), hides genes of
+    ``mask_cell_rate`` of the remaining cells (``mask_gene_rate`` of their genes on average), and
+    minimises the masked negative-binomial reconstruction plus the KL-warmed latent loss.
+    Validation applies the same masking (without cell dropout) so the two losses compare.
+
+    Parameters
+    ----------
+    module
+        A :class:`~scvi_cellplm.module.CellPLMModule`.
+    lr, weight_decay
+        AdamW learning rate and weight decay.
+    n_steps_lr_warmup
+        Linear learning-rate warm-up steps, followed by cosine decay to ``lr_min_ratio * lr``
+        over the remaining steps of training.
+    lr_min_ratio
+        Final learning rate as a fraction of ``lr``.
+    mask_cell_rate, mask_gene_rate, mask_beta
+        Masking of the input (see :func:`~scvi_cellplm.module.sample_input_mask`).
+    drop_cell_rate
+        Fraction of each sentence's cells dropped in training steps.
+    n_epochs_kl_warmup, n_steps_kl_warmup
+        KL warm-up, as in :class:`scvi.train.TrainingPlan`.
+    **kwargs
+        Passed to :class:`scvi.train.TrainingPlan`.
+    """
+
+    def __init__(
+        self,
+        module,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-6,
+        n_steps_lr_warmup: int = 50,
+        lr_min_ratio: float = 0.1,
+        mask_cell_rate: float = 0.75,
+        mask_gene_rate: float = 0.25,
+        mask_beta: bool = True,
+        drop_cell_rate: float = 0.1,
+        n_epochs_kl_warmup: int | None = None,
+        n_steps_kl_warmup: int | None = 200,
+        optimizer: Literal["AdamW"] = "AdamW",
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            module,
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            n_epochs_kl_warmup=n_epochs_kl_warmup,
+            n_steps_kl_warmup=n_steps_kl_warmup,
+            **kwargs,
+        )
+        for name, rate in (("mask_cell_rate", mask_cell_rate), ("mask_gene_rate", mask_gene_rate)):
+            if not 0.0 < rate < 1.0:
+                raise ValueError(f"`{name}` must be in (0, 1), got {rate}.")
+        if not 0.0 <= drop_cell_rate < 1.0:
+            raise ValueError(f"`drop_cell_rate` must be in [0, 1), got {drop_cell_rate}.")
+        self.n_steps_lr_warmup = n_steps_lr_warmup
+        self.lr_min_ratio = lr_min_ratio
+        self.mask_cell_rate = mask_cell_rate
+        self.mask_gene_rate = mask_gene_rate
+        self.mask_beta = mask_beta
+        self.drop_cell_rate = drop_cell_rate
+        self.loss_kwargs.setdefault("kl_weight", 1.0)
+
+    # ------------------------------------------------------------ corruption
+    def _corrupt(self, batch: dict, drop_cells: bool) -> tuple[dict, torch.Tensor]:
+        batch = dict(batch)
+        batch[REGISTRY_KEYS.X_KEY] = _dense(batch[REGISTRY_KEYS.X_KEY])
+        sentence = batch[SENTENCE_KEY].view(-1).long()
+        if drop_cells and self.drop_cell_rate > 0:
+            keep = sample_kept_cells(sentence, drop_cell_rate=self.drop_cell_rate)
+            batch = {k: v[keep] if torch.is_tensor(v) and v.ndim else v for k, v in batch.items()}
+            sentence = batch[SENTENCE_KEY].view(-1).long()
+        mask = sample_input_mask(
+            sentence,
+            batch[REGISTRY_KEYS.X_KEY].shape[1],
+            mask_cell_rate=self.mask_cell_rate,
+            mask_gene_rate=self.mask_gene_rate,
+            beta_ratio=self.mask_beta,
+        )
+        return batch, mask
+
+    def _step(self, batch: dict, mode: str):
+        batch, mask = self._corrupt(batch, drop_cells=mode == "train")
+        if mode == "train":
+            self.loss_kwargs["kl_weight"] = self.kl_weight
+        _, _, out = self.forward(
+            batch,
+            inference_kwargs={"input_mask": mask},
+            loss_kwargs={**self.loss_kwargs, "input_mask": mask},
+        )
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(
+                f"CellPLM {mode} loss became {out.loss.item()} at step {self.global_step}. "
+                "Likely causes: a learning rate too high (try `plan_kwargs={'lr': ...}` lower) "
+                "or counts that are not raw counts (NaN/inf/negative values in the input)."
+            )
+        n = batch[REGISTRY_KEYS.X_KEY].shape[0]
+        self.log(f"{mode}_loss", out.loss, on_epoch=True, on_step=False, prog_bar=True,
+                 batch_size=n, sync_dist=self.use_sync_dist)
+        for name, value in out.extra_metrics.items():
+            self.log(f"{name}_{mode}", value, on_epoch=True, on_step=False, batch_size=n,
+                     sync_dist=self.use_sync_dist)
+        metrics = self.train_metrics if mode == "train" else self.val_metrics
+        self.compute_and_log_metrics(out, metrics, "train" if mode == "train" else "validation")
+        return out.loss
+
+    def training_step(self, batch, batch_idx):
+        """Mask, reconstruct, return the loss."""
+        self.log("kl_weight", self.kl_weight, on_step=True, on_epoch=False)
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        """Same masking as training, no cell dropout."""
+        self._step(batch, "validation")
+
+    # ------------------------------------------------------------ optimiser
+    def configure_optimizers(self):
+        """AdamW with linear warm-up and cosine decay per step."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1) if self.trainer else 1
+        warmup = min(self.n_steps_lr_warmup, max(total - 1, 0))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return self.lr_min_ratio + (1 - self.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
