@@ -8,6 +8,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+import rich.pretty  # noqa: F401  (scvi-tools' view_anndata_setup uses rich.pretty without importing it)
 import torch
 from anndata import AnnData
 from mudata import MuData
@@ -339,10 +340,18 @@ class CellPLM(BaseModelClass):
         )
 
     def _inference_batches(self, adata, indices, max_cells: int | None):
-        """Yield ``(obs_indices, tensors)`` over whole sentences, module in eval mode."""
+        """Yield ``(obs_indices, tensors)`` over whole sentences, module in eval mode.
+
+        With ``indices``, the samples they belong to are processed whole (a cell's output
+        depends on its full sentence), and callers keep the rows they asked for.
+        """
         adata = self._validate_anndata(adata)
         manager = self.get_anndata_manager(adata, required=True)
-        sentences = self.sentences(adata, indices)
+        sentences = self.sentences(adata)
+        if indices is not None:
+            wanted = np.zeros(adata.n_obs, dtype=bool)
+            wanted[np.asarray(indices)] = True
+            sentences = [s for s in sentences if wanted[s].any()]
         loader = sentence_dataloader(
             manager, sentences, max_cells or self.max_cells_per_batch, load_sparse_tensor=True
         )
@@ -407,7 +416,8 @@ class CellPLM(BaseModelClass):
             values = values.float().cpu().numpy()
             if out is None:
                 out = np.zeros((n_out, values.shape[1]), dtype=np.float32)
-            out[pos[obs]] = values
+            keep = pos[obs] >= 0
+            out[pos[obs][keep]] = values[keep]
         if out is None:
             out = np.zeros((0, self.module.n_latent), dtype=np.float32)
         return out
@@ -479,7 +489,9 @@ class CellPLM(BaseModelClass):
                     else library_size
                 )
                 acc = acc + scale * lib
-            out[pos[obs]] = (acc / len(codes))[:, genes].float().cpu().numpy()
+            keep = pos[obs] >= 0
+            values = (acc / len(codes))[:, genes].float().cpu().numpy()
+            out[pos[obs][keep]] = values[keep]
         if return_numpy:
             return out
         obs_names = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]

@@ -45,6 +45,8 @@ class CellPLMModule(BaseModuleClass):
         Dimension of the cell embedding.
     n_decoder_layers
         Decoder layers, counting the output head (at least 2).
+    n_decoder_hidden
+        Width of the decoder's hidden layers (default ``n_hidden``).
     n_clusters
         Mixture components of the GMVAE prior.
     latent_distribution
@@ -81,6 +83,7 @@ class CellPLMModule(BaseModuleClass):
         n_heads: int = 4,
         n_latent: int = 32,
         n_decoder_layers: int = 2,
+        n_decoder_hidden: int | None = None,
         n_clusters: int = 16,
         latent_distribution: LatentDistribution = "gmvae",
         attention: AttentionKind = "flowformer",
@@ -119,7 +122,7 @@ class CellPLMModule(BaseModuleClass):
         self.latent = make_latent(latent_distribution, n_hidden, n_latent, n_clusters)
         self.decoder = NBDecoder(
             n_latent,
-            n_hidden,
+            n_decoder_hidden or n_hidden,
             n_genes,
             n_layers=n_decoder_layers,
             dropout=dropout,
@@ -191,7 +194,7 @@ class CellPLMModule(BaseModuleClass):
             MODULE_KEYS.HIDDEN_KEY: h,
             MODULE_KEYS.Z_KEY: out["z"],
             MODULE_KEYS.QZM_KEY: out["qzm"],
-            MODULE_KEYS.QZ_KEY: Normal(out["qzm"], out["qzv"].sqrt()),
+            MODULE_KEYS.QZ_KEY: Normal(out["qzm"], out["qzv"].sqrt(), validate_args=False),
             MODULE_KEYS.LIBRARY_KEY: library,
             MODULE_KEYS.LATENT_LOSS_KEY: self._latent_loss(out),
         }
@@ -218,7 +221,7 @@ class CellPLMModule(BaseModuleClass):
         return {
             MODULE_KEYS.PX_SCALE_KEY: scale,
             MODULE_KEYS.PX_THETA_KEY: theta,
-            MODULE_KEYS.PX_KEY: NegativeBinomial(mu=rate.clamp(min=1e-8), theta=theta),
+            MODULE_KEYS.PX_KEY: NegativeBinomial(mu=rate.clamp(min=1e-8), theta=theta, validate_args=False),
         }
 
     def _latent_loss(self, out: dict) -> dict[str, torch.Tensor]:
@@ -296,7 +299,8 @@ def _nb_nll(
         return x.new_zeros(())
     lib = x.sum(dim=1, keepdim=True)
     mu = scale / scale.sum(dim=1, keepdim=True).clamp(min=1e-12) * lib
-    nll = -NegativeBinomial(mu=mu.clamp(min=1e-8), theta=theta.expand_as(mu)).log_prob(x)
+    nb = NegativeBinomial(mu=mu.clamp(min=1e-8), theta=theta.expand_as(mu), validate_args=False)
+    nll = -nb.log_prob(x)
     if entries is not None:
         nll = nll * entries
     return nll.sum(dim=-1).mean()

@@ -28,9 +28,9 @@ def sample_input_mask(
     """Boolean ``(n_cells, n_genes)`` mask of the entries to hide (and reconstruct).
 
     In each sentence, ``floor(mask_cell_rate * size)`` cells are chosen; each chosen cell hides a
-    fraction of its genes, either exactly ``mask_gene_rate`` on average per entry or, with
-    ``beta_ratio``, a per-cell rate drawn from ``Beta(5, 4 / mask_gene_rate - 3)`` (mean
-    ``mask_gene_rate``, capped at 0.9) as in the paper's pretraining.
+    fraction of its genes: ``mask_gene_rate`` per entry, or, with ``beta_ratio`` (the official
+    pretraining), a per-cell rate drawn from ``Beta(5, 4 / mask_gene_rate - 3)``, capped at 0.9
+    (mean ``5 / (2 + 4 / mask_gene_rate)``, 0.28 for the default 0.25).
     """
     n = sentence.shape[0]
     device = sentence.device

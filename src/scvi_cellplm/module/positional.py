@@ -42,7 +42,7 @@ class PositionalEncoding(nn.Module):
         *,
         n_dims: int = 2,
         kind: Literal["sinusoidal", "learned"] = "sinusoidal",
-        n_frequencies: int = 16,
+        n_frequencies: int = 8,
     ) -> None:
         super().__init__()
         self.kind = kind
@@ -61,9 +61,9 @@ class PositionalEncoding(nn.Module):
 
     def forward(self, coords: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
         """Positional vectors ``(n_cells, n_hidden)`` for raw coordinates ``(n_cells, n_dims)``."""
-        coords = coords.to(self.missing.dtype)
-        missing = torch.isnan(coords).any(dim=1, keepdim=True)
-        unit = torch.nan_to_num(normalize_coordinates(coords, sentence), nan=0.0)
+        missing = torch.isnan(coords).any(dim=1, keepdim=True)  # (n, 1)
+        unit = normalize_coordinates(coords.double(), sentence).to(self.missing.dtype)
+        unit = torch.nan_to_num(unit, nan=0.0)
         if self.kind == "sinusoidal":
             angles = unit.unsqueeze(-1) * self.frequencies  # (n, dims, freqs)
             feats = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)

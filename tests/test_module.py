@@ -1,0 +1,164 @@
+"""The pure-torch module: attention, embedder, latent, decoder, masking."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scvi_cellplm.module import (
+    CellPLMModule,
+    FlowAttention,
+    GMVAELatent,
+    PositionalEncoding,
+    SoftmaxAttention,
+    VAELatent,
+    normalize_coordinates,
+    sample_input_mask,
+    sample_kept_cells,
+)
+from scvi_cellplm.module.encoder import CellEncoder, pad_sentences
+
+
+def _counts(n=40, g=30, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.poisson(torch.rand(n, g, generator=gen) * 3, generator=gen)
+
+
+@pytest.mark.parametrize("attention", [FlowAttention, SoftmaxAttention])
+def test_padded_sentences_equal_separate_runs(attention):
+    """Several sentences in one padded call give what each gives alone."""
+    torch.manual_seed(0)
+    attn = attention(16, 4, 0.0).eval()
+    a, b = torch.randn(1, 7, 16), torch.randn(1, 3, 16)
+    alone_a = attn(a, torch.ones(1, 7, dtype=torch.bool))
+    alone_b = attn(b, torch.ones(1, 3, dtype=torch.bool))
+    padded = torch.zeros(2, 7, 16)
+    padded[0], padded[1, :3] = a[0], b[0]
+    valid = torch.zeros(2, 7, dtype=torch.bool)
+    valid[0], valid[1, :3] = True, True
+    together = attn(padded, valid)
+    torch.testing.assert_close(together[0], alone_a[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(together[1, :3], alone_b[0], atol=1e-6, rtol=1e-5)
+
+
+def test_pad_sentences_round_trip():
+    h = torch.randn(9, 4)
+    sentence = torch.tensor([2, 0, 2, 1, 0, 2, 2, 1, 0])
+    padded, valid, where = pad_sentences(h, sentence)
+    assert padded.shape == (3, 4, 4)
+    assert int(valid.sum()) == 9
+    torch.testing.assert_close(padded[where], h)
+
+
+def test_encoder_cells_attend_only_within_their_sentence():
+    torch.manual_seed(0)
+    enc = CellEncoder(16, 2, 4, attention="flowformer", dropout=0.0).eval()
+    h = torch.randn(10, 16)
+    sentence = torch.tensor([0] * 4 + [1] * 6)
+    out = enc(h, sentence)
+    h2 = h.clone()
+    h2[4:] = torch.randn(6, 16)  # change only sentence 1
+    out2 = enc(h2, sentence)
+    torch.testing.assert_close(out[:4], out2[:4])
+    assert not torch.allclose(out[4:], out2[4:])
+
+
+@pytest.mark.parametrize("latent", ["gmvae", "vae"])
+@pytest.mark.parametrize("attention", ["flowformer", "sdpa"])
+def test_module_shapes_and_deterministic_eval(latent, attention):
+    torch.manual_seed(0)
+    m = CellPLMModule(30, n_batch=2, n_hidden=16, n_layers=1, n_heads=2, n_latent=6,
+                      n_clusters=3, latent_distribution=latent, attention=attention)
+    x = _counts()
+    tensors = {"X": x, "sentence": torch.tensor([0] * 15 + [1] * 25),
+               "batch": torch.zeros(40, 1)}
+    m.eval()
+    inf1, gen1 = m(tensors, compute_loss=False)
+    inf2, _ = m(tensors, compute_loss=False)
+    assert inf1["qzm"].shape == (40, 6) and inf1["z"].dtype == torch.float32
+    torch.testing.assert_close(inf1["z"], inf2["z"], rtol=0, atol=0)
+    torch.testing.assert_close(gen1["px_scale"].sum(1), torch.ones(40))
+    m.train()
+    mask = sample_input_mask(tensors["sentence"], 30)
+    _, _, loss = m(tensors, inference_kwargs={"input_mask": mask}, loss_kwargs={"input_mask": mask})
+    assert torch.isfinite(loss.loss)
+    loss.loss.backward()
+    assert m.embedder.gene_table.grad is not None
+
+
+def test_sparse_and_dense_inputs_embed_identically():
+    torch.manual_seed(0)
+    m = CellPLMModule(30, n_hidden=16, n_layers=1, n_heads=2, n_latent=6).eval()
+    x = _counts()
+    sentence = torch.zeros(40, dtype=torch.long)
+    dense = m.inference(x, sentence)["qzm"]
+    csr = m.inference(x.to_sparse_csr(), sentence)["qzm"]
+    torch.testing.assert_close(dense, csr, atol=1e-5, rtol=1e-5)
+
+
+def test_genes_outside_vocabulary_are_ignored():
+    torch.manual_seed(0)
+    index = torch.tensor([0, 1, -1, 3])
+    m = CellPLMModule(4, n_genes=5, gene_index=index, n_hidden=8, n_layers=1, n_heads=2,
+                      n_latent=4).eval()
+    x = torch.tensor([[1.0, 2.0, 0.0, 3.0]])
+    x_other = x.clone()
+    x_other[0, 2] = 50.0  # an unmatched gene must not change anything
+    s = torch.zeros(1, dtype=torch.long)
+    torch.testing.assert_close(m.inference(x, s)["qzm"], m.inference(x_other, s)["qzm"])
+    scale = m.generative(m.inference(x, s)["z"], torch.tensor([6.0]))["px_scale"]
+    assert scale[0, 2] == 0 and torch.isclose(scale.sum(), torch.tensor(1.0))
+
+
+def test_vae_and_gmvae_sample_only_in_training():
+    h = torch.randn(5, 12)
+    for layer in (VAELatent(12, 4), GMVAELatent(12, 4, 3)):
+        a = layer(h, sample=False)["z"]
+        torch.testing.assert_close(a, layer(h, sample=False)["z"], rtol=0, atol=0)
+        assert not torch.allclose(layer(h, sample=True)["z"], a)
+
+
+def test_input_mask_rates_per_sentence():
+    sentence = torch.tensor([0] * 400 + [1] * 100)
+    gen = torch.Generator().manual_seed(0)
+    mask = sample_input_mask(sentence, 200, mask_cell_rate=0.75, mask_gene_rate=0.25,
+                             beta_ratio=False, generator=gen)
+    masked_cells = mask.any(1)
+    assert int(masked_cells[:400].sum()) == 300 and int(masked_cells[400:].sum()) == 75
+    assert abs(mask[masked_cells].float().mean().item() - 0.25) < 0.02
+    beta = sample_input_mask(sentence, 200, generator=gen)
+    expected = 5 / (2 + 4 / 0.25)  # mean of the official Beta(5, 4 / rate - 3)
+    assert abs(beta[beta.any(1)].float().mean().item() - expected) < 0.03
+
+
+def test_cell_dropout_keeps_every_sentence():
+    sentence = torch.tensor([0] * 10 + [1] * 1 + [2] * 5)
+    keep = sample_kept_cells(sentence, drop_cell_rate=0.3)
+    kept = sentence[keep]
+    assert int((kept == 0).sum()) == 7 and int((kept == 1).sum()) == 1
+    assert int((kept == 2).sum()) == 4
+
+
+def test_coordinate_normalisation_is_translation_and_scale_invariant():
+    coords = torch.rand(20, 2) * 100
+    sentence = torch.tensor([0] * 10 + [1] * 10)
+    ref = normalize_coordinates(coords, sentence)
+    moved = normalize_coordinates(coords * 7.5 + torch.tensor([300.0, -20.0]), sentence)
+    torch.testing.assert_close(ref, moved, atol=1e-5, rtol=1e-5)
+    assert ref.min() >= 0 and ref.max() <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("kind", ["sinusoidal", "learned"])
+def test_positional_encoding_reaches_the_output(kind):
+    torch.manual_seed(0)
+    m = CellPLMModule(30, n_hidden=16, n_layers=1, n_heads=2, n_latent=6,
+                      positional_encoding=kind).eval()
+    x, s = _counts(), torch.zeros(40, dtype=torch.long)
+    coords = torch.rand(40, 2)
+    z = m.inference(x, s, coords)["qzm"]
+    z_shuffled = m.inference(x, s, coords[torch.randperm(40)])["qzm"]
+    z_scaled = m.inference(x, s, coords * 1000 + 5)["qzm"]
+    assert not torch.allclose(z, z_shuffled, atol=1e-4)
+    torch.testing.assert_close(z, z_scaled, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="coordinates"):
+        m.inference(x, s)
