@@ -1,0 +1,74 @@
+"""Developer sessions. Install with pip into venvs (uv would pull a multi-GB CUDA torch).
+
+    nox -s tests         default suite            nox -s tests_slow    heavy tests (-m slow)
+    nox -s tests_latest  newest allowed deps       nox -s lint          ruff
+    nox -s docs          sphinx, tutorials run     nox -s demo          the quick-start demo
+    nox -s bench         benchmarks (needs ../shared/data; CPU)
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+TORCH = "torch==2.13.0"
+ORACLE = "cellplm==0.1.0.post2"
+
+
+def _install(session: nox.Session, extras: str = "test", upgrade: bool = False) -> None:
+    session.install(TORCH)
+    args = ["--upgrade", "--upgrade-strategy", "eager"] if upgrade else []
+    session.install(*args, "-e", f".[{extras}]")
+    session.install("--no-deps", ORACLE)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The default suite (what CI runs)."""
+    _install(session)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def tests_slow(session: nox.Session) -> None:
+    """Heavy tests marked ``slow``."""
+    _install(session)
+    session.run("pytest", "-m", "slow", *session.posargs)
+
+
+@nox.session
+def tests_latest(session: nox.Session) -> None:
+    """The suite against the newest versions our bounds allow."""
+    _install(session, upgrade=True)
+    session.run("pip", "list")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py", "dev.py")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the docs with warnings as errors; executes the tutorials."""
+    _install(session, extras="test,docs")
+    session.run("sphinx-build", "-M", "html", "docs", "docs/_build", "-W", "--keep-going")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    _install(session)
+    session.run("cellplm", "demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks on ../shared/data (CPU); prints tables of ratios against baselines."""
+    _install(session)
+    for script in ("benchmarks/embedding_speed.py",):
+        session.run("python", script, *session.posargs)
