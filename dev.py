@@ -37,7 +37,7 @@ def ensure_environment() -> None:
     stamp = VENV / f".installed-{digest}"
     if stamp.exists():
         return
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036  (dev.py runs on any python3)
         sys.exit(f"Python >= 3.11 is required, this is {sys.version.split()[0]}.")
     if not PYTHON.exists():
         print(f"Creating {VENV} ...", flush=True)

@@ -9,7 +9,6 @@ from scvi_cellplm.module import (
     CellPLMModule,
     FlowAttention,
     GMVAELatent,
-    PositionalEncoding,
     SoftmaxAttention,
     VAELatent,
     normalize_coordinates,

@@ -8,7 +8,7 @@ from . import data, datasets, io, module, train
 from ._constants import SLOTS
 from ._exceptions import CellPLMError, CheckpointError, GeneAlignmentError, InputDataError
 from ._presets import PAPER, PRESETS, SMALL_CPU
-from .model import CellPLM
+from .model import CellPLM, CellPLMAnnotator
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ __all__ = [
     "SLOTS",
     "SMALL_CPU",
     "CellPLM",
+    "CellPLMAnnotator",
     "CellPLMError",
     "CheckpointError",
     "GeneAlignmentError",

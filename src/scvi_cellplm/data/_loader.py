@@ -175,9 +175,11 @@ class SentenceDataSplitter(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Mini-batches of whole sentences of the training cells, reshuffled every epoch."""
         return self._loader(self.train_idx, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
+        """Mini-batches of whole sentences of the validation cells (``[]`` without any)."""
         return self._loader(self.val_idx, shuffle=False) if self.n_val else []
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from scvi.distributions import NegativeBinomial
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
@@ -283,7 +281,7 @@ class CellPLMModule(BaseModuleClass):
 
 
 def _dense(x: torch.Tensor) -> torch.Tensor:
-    return x.to_dense() if (x.is_sparse or x.layout == torch.sparse_csr) else x
+    return x if x.layout == torch.strided else x.to_dense()
 
 
 def _row_sum(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:

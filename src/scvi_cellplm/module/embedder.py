@@ -10,8 +10,18 @@ from ._norm import Norm, make_norm
 
 
 def log1p_matmul(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """``log1p(x) @ table`` for dense or sparse (CSR/COO) ``x`` without densifying it."""
-    if x.is_sparse or x.layout == torch.sparse_csr:
+    """``log1p(x) @ table`` for dense or sparse (CSR/CSC/COO) ``x`` without densifying it.
+
+    Always in float32 (also under autocast): counts and the sparse product stay exact.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        return _log1p_matmul(x.float(), table.float())
+
+
+def _log1p_matmul(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    if x.layout != torch.strided:
+        if x.layout != torch.sparse_csr:
+            x = x.to_sparse_csr()
         return torch.sparse.mm(torch.log1p(x), table)
     return torch.log1p(x) @ table
 

@@ -13,7 +13,7 @@ from ..module.masking import sample_input_mask, sample_kept_cells
 
 
 def _dense(x: torch.Tensor) -> torch.Tensor:
-    return x.to_dense() if (x.is_sparse or x.layout == torch.sparse_csr) else x
+    return x if x.layout == torch.strided else x.to_dense()
 
 
 class CellPLMTrainingPlan(TrainingPlan):
@@ -23,6 +23,7 @@ class CellPLMTrainingPlan(TrainingPlan):
     ``mask_cell_rate`` of the remaining cells (``mask_gene_rate`` of their genes on average), and
     minimises the masked negative-binomial reconstruction plus the KL-warmed latent loss.
     Validation applies the same masking (without cell dropout) so the two losses compare.
+    With ``mask_cell_rate=0`` nothing is masked (fine-tuning of a task head).
 
     Parameters
     ----------
@@ -72,8 +73,8 @@ class CellPLMTrainingPlan(TrainingPlan):
             **kwargs,
         )
         for name, rate in (("mask_cell_rate", mask_cell_rate), ("mask_gene_rate", mask_gene_rate)):
-            if not 0.0 < rate < 1.0:
-                raise ValueError(f"`{name}` must be in (0, 1), got {rate}.")
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1), got {rate}.")
         if not 0.0 <= drop_cell_rate < 1.0:
             raise ValueError(f"`drop_cell_rate` must be in [0, 1), got {drop_cell_rate}.")
         self.n_steps_lr_warmup = n_steps_lr_warmup
@@ -85,7 +86,7 @@ class CellPLMTrainingPlan(TrainingPlan):
         self.loss_kwargs.setdefault("kl_weight", 1.0)
 
     # ------------------------------------------------------------ corruption
-    def _corrupt(self, batch: dict, drop_cells: bool) -> tuple[dict, torch.Tensor]:
+    def _corrupt(self, batch: dict, drop_cells: bool) -> tuple[dict, torch.Tensor | None]:
         batch = dict(batch)
         batch[REGISTRY_KEYS.X_KEY] = _dense(batch[REGISTRY_KEYS.X_KEY])
         sentence = batch[SENTENCE_KEY].view(-1).long()
@@ -93,6 +94,8 @@ class CellPLMTrainingPlan(TrainingPlan):
             keep = sample_kept_cells(sentence, drop_cell_rate=self.drop_cell_rate)
             batch = {k: v[keep] if torch.is_tensor(v) and v.ndim else v for k, v in batch.items()}
             sentence = batch[SENTENCE_KEY].view(-1).long()
+        if self.mask_cell_rate == 0 or self.mask_gene_rate == 0:
+            return batch, None
         mask = sample_input_mask(
             sentence,
             batch[REGISTRY_KEYS.X_KEY].shape[1],

@@ -1,0 +1,210 @@
+"""Cell-embedding inference: scvi-cellplm vs the official CellPLM package, same weights.
+
+Builds the paper-size model (``../shared/data/official/cellplm_20230926_85M.config.json``: 4 x 1024
+Flowformer, GMVAE 512, 19,374-gene vocabulary) with random weights in the official package, saves
+it as an official checkpoint, loads it in ours with ``CellPLM.from_official``, and embeds the same
+real cells (PBMC 3k, resampled) with both. Like the official run, all cells form one sentence.
+Each measurement runs in a fresh subprocess (same threads) so peak RSS is its own; the embeddings
+of both are compared (max abs difference) and the table prints ratios ours/official.
+
+    python benchmarks/embedding_speed.py --sizes 2000 10000 48082 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CELLPLM_SHARED_DATA", ROOT / ".." / "shared" / "data"))
+CONFIG = SHARED / "official" / "cellplm_20230926_85M.config.json"
+DATA = SHARED / "pbmc3k_raw.h5ad"
+FLOP_PER_CELL = None  # filled from the config in main()
+
+
+def encoder_flops_per_cell(d: int, n_layers: int, n_latent: int, n_clusters: int) -> float:
+    """Dense FLOPs of one cell through projection, transformer and GMVAE mean (multiply-add = 2)."""
+    per_layer = 2 * (4 * d * d) + 2 * (2 * d * 2 * d)  # q, k, v, out + feed-forward d -> 2d -> d
+    embed = 2 * d * d
+    latent = 2 * (d * n_clusters + (d + n_clusters) * 512 + 512 * n_latent)
+    return n_layers * per_layer + embed + latent
+
+
+def make_cells(n_cells: int, n_genes: int, vocabulary: list[str], seed: int = 0):
+    """``n_cells`` real PBMC cells (resampled) x the ``n_genes`` most expressed vocabulary genes."""
+    import anndata as ad
+
+    pbmc = ad.read_h5ad(DATA)
+    pbmc = pbmc[:, pbmc.var["gene_ids"].isin(set(vocabulary)).to_numpy()]
+    totals = np.asarray(pbmc.X.sum(0)).ravel()
+    genes = np.sort(np.argsort(-totals)[:n_genes])
+    rng = np.random.default_rng(seed)
+    cells = np.sort(rng.choice(pbmc.n_obs, n_cells, replace=n_cells > pbmc.n_obs))
+    adata = ad.AnnData(pbmc.X[cells][:, genes].astype(np.float32))
+    adata.var_names = pbmc.var["gene_ids"].to_numpy()[genes].astype(str)
+    adata.obs_names = [f"c{i}" for i in range(n_cells)]
+    adata.obs["batch"] = "sample0"
+    return adata
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def _run_official(directory, prefix, n_cells, n_genes, vocabulary, threads, queue):
+    import contextlib
+
+    import torch
+
+    torch.set_num_threads(threads)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from CellPLM.pipeline.cell_embedding import CellEmbeddingPipeline
+    from official_oracle import deterministic_official
+
+    adata = make_cells(n_cells, n_genes, vocabulary)
+    with deterministic_official(), contextlib.redirect_stdout(open(os.devnull, "w")):
+        pipeline = CellEmbeddingPipeline(pretrain_prefix=prefix, pretrain_directory=directory)
+        base = _peak_rss_gib()
+        start = time.perf_counter()
+        emb = pipeline.predict(adata, device="cpu", ensembl_auto_conversion=False).numpy()
+        seconds = time.perf_counter() - start
+    queue.put({"seconds": seconds, "peak_rss_gib": _peak_rss_gib(), "rss_before_gib": base,
+               "embedding": emb})
+
+
+def _run_ours(path_prefix, n_cells, n_genes, vocabulary, threads, precision, queue):
+    import torch
+
+    torch.set_num_threads(threads)
+    from scvi_cellplm import CellPLM
+
+    adata = make_cells(n_cells, n_genes, vocabulary)
+    CellPLM.setup_anndata(adata, batch_key="batch")
+    model = CellPLM.from_official(path_prefix, adata, max_cells_per_batch=max(n_cells, 1))
+    base = _peak_rss_gib()
+    start = time.perf_counter()
+    emb = model.get_latent_representation(precision=precision)
+    seconds = time.perf_counter() - start
+    queue.put({"seconds": seconds, "peak_rss_gib": _peak_rss_gib(), "rss_before_gib": base,
+               "embedding": emb})
+
+
+def _in_subprocess(target, *args):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def matmul_peak(width: int, threads: int) -> dict[str, float]:
+    """GFLOP/s of a square-ish ``torch.mm`` (fp32 and bf16) of the model's width, this process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(4096, width, dtype=dtype)
+        b = torch.randn(width, width, dtype=dtype)
+        for _ in range(3):
+            torch.mm(a, b)
+        reps, start = 10, time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        out[name] = 2 * 4096 * width * width * reps / (time.perf_counter() - start) / 1e9
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000, 48082])
+    parser.add_argument("--genes", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="also run ours under bf16 autocast")
+    parser.add_argument("--skip-official", action="store_true")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    if not CONFIG.exists() or not DATA.exists():
+        print(f"needs {CONFIG} and {DATA} (the shared data folder)")
+        return 1
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from official_oracle import build_official, save_official
+
+    config = json.loads(CONFIG.read_text())
+    vocabulary = config["gene_list"]
+    flops = encoder_flops_per_cell(config["enc_hid"], config["enc_layers"],
+                                   config["post_latent_dim"], config["num_clusters"])
+    peak = matmul_peak(config["enc_hid"], args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads; torch.mm width {config['enc_hid']}: "
+          f"{peak['fp32']:.0f} GFLOP/s fp32, {peak['bf16']:.0f} GFLOP/s bf16; "
+          f"encoder {flops / 1e6:.1f} MFLOP/cell -> fp32 roofline "
+          f"{peak['fp32'] * 1e9 / flops:.0f} cells/s")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        save_official(build_official(config), config, tmp, "paper")
+        prefix = os.path.join(tmp, "paper")
+        for n in args.sizes:
+            row = {"cells": n}
+            ours = _in_subprocess(_run_ours, prefix, n, args.genes, vocabulary, args.threads, "32")
+            row["ours"] = ours
+            if not args.skip_official:
+                official = _in_subprocess(_run_official, tmp, "paper", n, args.genes, vocabulary,
+                                          args.threads)
+                row["official"] = official
+                row["max_abs_diff"] = float(np.abs(ours["embedding"] - official["embedding"]).max())
+            if args.bf16:
+                bf = _in_subprocess(_run_ours, prefix, n, args.genes, vocabulary, args.threads, "bf16")
+                a, b = ours["embedding"], bf["embedding"]
+                cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+                bf["cosine_min"], bf["cosine_mean"] = float(cos.min()), float(cos.mean())
+                row["bf16"] = bf
+            rows.append(row)
+            _print_row(row, flops, peak)
+    if args.json:
+        for row in rows:
+            for key in ("ours", "official", "bf16"):
+                row.get(key, {}).pop("embedding", None)
+        args.json.write_text(json.dumps({"matmul_gflops": peak, "flop_per_cell": flops,
+                                         "rows": rows}, indent=2))
+    return 0
+
+
+def _print_row(row: dict, flops: float, peak: dict) -> None:
+    n = row["cells"]
+    parts = []
+    for key in ("official", "ours", "bf16"):
+        if key not in row:
+            continue
+        r = row[key]
+        rate = n / r["seconds"]
+        gflops = rate * flops / 1e9
+        ref = peak["bf16" if key == "bf16" else "fp32"]
+        parts.append(f"{key}: {r['seconds']:.2f} s, {rate:.0f} cells/s, {gflops:.0f} GFLOP/s "
+                     f"({100 * gflops / ref:.0f}% of mm), peak RSS {r['peak_rss_gib']:.2f} GiB")
+    line = f"{n:>7} cells | " + " | ".join(parts)
+    if "official" in row:
+        speed = row["official"]["seconds"] / row["ours"]["seconds"]
+        line += f" | ours/official speed x{speed:.2f}, max|diff| {row['max_abs_diff']:.1e}"
+        if "bf16" in row:
+            line += f", bf16 x{row['official']['seconds'] / row['bf16']['seconds']:.2f}"
+    if "bf16" in row:
+        line += f", bf16 cosine min {row['bf16']['cosine_min']:.5f}"
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

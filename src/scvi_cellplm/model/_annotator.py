@@ -1,0 +1,207 @@
+"""Cell-type annotation by fine-tuning CellPLM (in the style of scANVI)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scvi.data import AnnDataManager, fields
+
+from .._constants import REGISTRY_KEYS
+from .._exceptions import InputDataError
+from ..module._classifier import CellPLMClassifierModule
+from ._cellplm import CellPLM, _check_counts, _check_obs_keys, _check_spatial
+
+logger = logging.getLogger(__name__)
+
+
+class CellPLMAnnotator(CellPLM):
+    """A CellPLM backbone with a classification head, fine-tuned on labelled cells.
+
+    Build it from a (pre)trained :class:`~scvi_cellplm.CellPLM` with :meth:`from_cellplm_model`;
+    cells whose label is ``unlabeled_category`` do not enter the loss but still give context
+    (attention within their sentence) and get predictions.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata` (labels required).
+    n_head_hidden
+        Hidden width of the classification head.
+    freeze_encoder
+        Train only the head; the backbone weights stay as loaded.
+    **kwargs
+        Backbone hyperparameters, as for :class:`~scvi_cellplm.CellPLM`.
+
+    Examples
+    --------
+    >>> ann = CellPLMAnnotator.from_cellplm_model(model, labels_key="cell_type")
+    >>> ann.train(max_epochs=20)
+    >>> adata.obs["cellplm_prediction"] = ann.predict(adata)
+    """
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        n_head_hidden: int = 128,
+        freeze_encoder: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__(adata, **kwargs)
+        state = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
+        mapping = list(state.categorical_mapping)
+        self.unlabeled_category_ = state.unlabeled_category
+        self.label_categories_ = [c for c in mapping if c != self.unlabeled_category_]
+        unlabeled_code = mapping.index(self.unlabeled_category_) if self.unlabeled_category_ in mapping else -1
+        self.module = CellPLMClassifierModule(
+            self.module,
+            len(self.label_categories_),
+            n_head_hidden=n_head_hidden,
+            freeze_backbone=freeze_encoder,
+            unlabeled_code=unlabeled_code,
+        )
+        self._model_summary_string = (
+            f"CellPLMAnnotator: {len(self.label_categories_)} labels, "
+            f"{'frozen' if freeze_encoder else 'fine-tuned'} encoder; backbone: "
+            + self._model_summary_string
+        )
+        self.init_params_ = {
+            "kwargs": {"kwargs": dict(kwargs)},
+            "non_kwargs": {"n_head_hidden": n_head_hidden, "freeze_encoder": freeze_encoder},
+        }
+
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        labels_key: str | None = None,
+        unlabeled_category: str = "Unknown",
+        layer: str | None = None,
+        batch_key: str | None = None,
+        sample_key: str | None = None,
+        spatial_key: str | None = None,
+        gene_id_key: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Register counts, labels (with an unlabelled category) and the CellPLM fields.
+
+        Parameters
+        ----------
+        adata
+            AnnData with raw counts.
+        labels_key
+            Key in ``adata.obs`` of the labels to learn.
+        unlabeled_category
+            Label value of cells without a label.
+        layer, batch_key, sample_key, spatial_key, gene_id_key
+            As in :meth:`scvi_cellplm.CellPLM.setup_anndata`.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if labels_key is None and "source_registry" not in kwargs:
+            raise InputDataError("`labels_key` is required to train an annotator.")
+        _check_obs_keys(adata, batch_key=batch_key, sample_key=sample_key)
+        if "source_registry" not in kwargs:
+            _check_obs_keys(adata, labels_key=labels_key)
+        else:
+            kwargs.setdefault("allow_missing_labels", True)
+        _check_counts(adata, layer)
+        if spatial_key is not None:
+            _check_spatial(adata, spatial_key)
+        anndata_fields = [
+            fields.LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            fields.CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+            fields.CategoricalObsField(REGISTRY_KEYS.SAMPLE_KEY, sample_key or batch_key),
+            fields.LabelsWithUnlabeledObsField(REGISTRY_KEYS.LABELS_KEY, labels_key,
+                                               unlabeled_category),
+        ]
+        if spatial_key is not None:
+            anndata_fields.append(fields.ObsmField(REGISTRY_KEYS.SPATIAL_KEY, spatial_key))
+        manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        manager.register_fields(adata, **kwargs)
+        cls.register_manager(manager)
+
+    @classmethod
+    def from_cellplm_model(
+        cls,
+        model: CellPLM,
+        labels_key: str,
+        unlabeled_category: str = "Unknown",
+        adata: AnnData | None = None,
+        freeze_encoder: bool = False,
+        n_head_hidden: int = 128,
+    ) -> CellPLMAnnotator:
+        """An annotator whose backbone starts from ``model``'s weights.
+
+        Parameters
+        ----------
+        model
+            A trained :class:`~scvi_cellplm.CellPLM` (e.g. pretrained, or from official weights).
+        labels_key
+            Key in ``adata.obs`` with the labels (``unlabeled_category`` for unknown cells).
+        unlabeled_category
+            Label value of cells without a label.
+        adata
+            Data to fine-tune on (default: the model's AnnData), with the model's genes.
+        freeze_encoder
+            Train only the head.
+        n_head_hidden
+            Hidden width of the head.
+        """
+        adata = model.adata if adata is None else adata
+        args = dict(model.adata_manager.registry["setup_args"])
+        for key in ("labels_key", "unlabeled_category"):
+            args.pop(key, None)
+        cls.setup_anndata(adata, labels_key=labels_key, unlabeled_category=unlabeled_category,
+                          **{k: args.get(k) for k in ("layer", "batch_key", "sample_key",
+                                                      "spatial_key", "gene_id_key")})
+        params = model.init_params_
+        kwargs = {**params["non_kwargs"], **params["kwargs"].get("module_kwargs", {})}
+        for key in ("n_head_hidden", "freeze_encoder"):
+            kwargs.pop(key, None)
+        backbone_state = (model.module.backbone if hasattr(model.module, "backbone")
+                          else model.module).state_dict()
+        # keep the backbone's batch-embedding table whatever batches the new AnnData has
+        n_rows = [v.shape[0] for k, v in backbone_state.items() if k.endswith("batch.embedding.weight")]
+        if n_rows:
+            kwargs["n_batch_embeddings"] = n_rows[0]
+        ann = cls(adata, n_head_hidden=n_head_hidden, freeze_encoder=freeze_encoder, **kwargs)
+        ann.module.backbone.load_state_dict(backbone_state)
+        return ann
+
+    def train(self, max_epochs: int | None = 20, *, lr: float = 1e-3, plan_kwargs: dict | None = None,
+              **kwargs):
+        """Fine-tune on the labelled cells (no masking; see :meth:`CellPLM.train`)."""
+        defaults = {"mask_cell_rate": 0.0, "drop_cell_rate": 0.0, "n_steps_kl_warmup": None,
+                    "n_steps_lr_warmup": 10}
+        return super().train(max_epochs, lr=lr, plan_kwargs={**defaults, **(plan_kwargs or {})},
+                             **kwargs)
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        soft: bool = False,
+        batch_size: int | None = None,
+    ) -> np.ndarray | pd.DataFrame:
+        """Predicted labels (for ``adata.obs["cellplm_prediction"]``) or, with ``soft``, a
+        DataFrame of class probabilities (cells x training label categories)."""
+        adata = self._validate_anndata(adata)
+        pos = self._positions(indices, adata.n_obs)
+        n_out = adata.n_obs if indices is None else len(indices)
+        probs = np.zeros((n_out, len(self.label_categories_)), dtype=np.float32)
+        for obs, tensors in self._inference_batches(adata, indices, batch_size):
+            inputs = self.module._get_inference_input(tensors)
+            z = self.module.inference(**inputs)["qzm"]
+            p = torch.softmax(self.module.generative(z)["logits"], dim=-1).float().cpu().numpy()
+            keep = pos[obs] >= 0
+            probs[pos[obs][keep]] = p[keep]
+        names = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
+        if soft:
+            return pd.DataFrame(probs, index=names, columns=self.label_categories_)
+        labels = np.asarray(self.label_categories_, dtype=object)[probs.argmax(1)]
+        return pd.Categorical(labels, categories=self.label_categories_)
