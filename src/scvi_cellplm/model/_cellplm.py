@@ -749,9 +749,17 @@ class CellPLM(BaseModelClass):
 
 def _check_obs_keys(adata: AnnData, **keys: str | None) -> None:
     for name, key in keys.items():
-        if key is not None and key not in adata.obs:
+        if key is None:
+            continue
+        if key not in adata.obs:
             raise InputDataError(
                 f"`{name}={key!r}` is not a column of adata.obs (columns: {list(adata.obs.columns)})."
+            )
+        n_missing = int(adata.obs[key].isna().sum())
+        if n_missing:
+            raise InputDataError(
+                f"adata.obs[{key!r}] (`{name}`) has {n_missing} missing values; fill them, e.g. "
+                f"`adata.obs[{key!r}] = adata.obs[{key!r}].astype(str).fillna('unknown')`."
             )
 
 
