@@ -32,7 +32,7 @@ def test_windows_are_spatially_contiguous():
 def test_sentences_never_mix_samples():
     codes = np.repeat([0, 1, 2], [50, 300, 20])
     feats = np.random.default_rng(0).random((370, 3))
-    sentences = make_sentences(codes, 100, lambda m: feats[m])
+    sentences = make_sentences(codes, 100, lambda m: bisect_windows(feats[m], 100))
     for s in sentences:
         assert len(np.unique(codes[s])) == 1
         assert len(s) <= 100
@@ -40,7 +40,7 @@ def test_sentences_never_mix_samples():
 
 
 def test_oversized_sample_without_features_is_an_error():
-    with pytest.raises(ValueError, match="max_cells_per_batch"):
+    with pytest.raises(ValueError, match="max_cells_per_batch"):  # no windower given
         make_sentences(np.zeros(10, dtype=int), 5)
 
 

@@ -123,7 +123,7 @@ class SentenceDataSplitter(pl.LightningDataModule):
         Sample code of each cell.
     max_cells
         Cell budget of a sentence and of a mini-batch.
-    window_features
+    windower
         See :func:`~scvi_cellplm.data.make_sentences`.
     validation_size
         Fraction of each sample's cells held out for validation (0 disables validation).
@@ -136,7 +136,7 @@ class SentenceDataSplitter(pl.LightningDataModule):
         adata_manager,
         sample_codes: np.ndarray,
         max_cells: int,
-        window_features: Callable[[np.ndarray], np.ndarray] | None = None,
+        windower: Callable[[np.ndarray], list[np.ndarray]] | None = None,
         validation_size: float = 0.1,
         seed: int = 0,
         **loader_kwargs,
@@ -146,7 +146,7 @@ class SentenceDataSplitter(pl.LightningDataModule):
             raise ValueError(f"`validation_size` must be in [0, 1), got {validation_size}.")
         self.adata_manager = adata_manager
         self.max_cells = max_cells
-        self.window_features = window_features
+        self.windower = windower
         self.seed = seed
         self.loader_kwargs = loader_kwargs
         self.sample_codes = np.asarray(sample_codes).reshape(-1)
@@ -167,7 +167,7 @@ class SentenceDataSplitter(pl.LightningDataModule):
 
     def _loader(self, indices: np.ndarray, shuffle: bool) -> DataLoader:
         sentences = make_sentences(
-            self.sample_codes, self.max_cells, self.window_features, indices=indices
+            self.sample_codes, self.max_cells, self.windower, indices=indices
         )
         return sentence_dataloader(
             self.adata_manager, sentences, self.max_cells, shuffle=shuffle, seed=self.seed,

@@ -44,7 +44,7 @@ def bisect_windows(features: np.ndarray, max_cells: int) -> list[np.ndarray]:
 def make_sentences(
     sample_codes: np.ndarray,
     max_cells: int,
-    window_features: Callable[[np.ndarray], np.ndarray] | None = None,
+    windower: Callable[[np.ndarray], list[np.ndarray]] | None = None,
     indices: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Group cell ``indices`` into sentences by sample, windowing samples above ``max_cells``.
@@ -55,9 +55,10 @@ def make_sentences(
         Sample code of every cell of the AnnData (length ``n_obs``).
     max_cells
         Cell budget of one sentence.
-    window_features
-        Called with the obs indices of an oversized sample, returns the features to window it by
-        (``(n, d)``). Required only when some sample exceeds ``max_cells``.
+    windower
+        Called with the obs indices of an oversized sample, returns its windows as arrays of
+        positions into those indices (e.g. ``lambda m: bisect_windows(features[m], max_cells)``).
+        Required only when some sample exceeds ``max_cells``.
     indices
         Cells to use (default: all).
 
@@ -74,13 +75,12 @@ def make_sentences(
         if len(members) <= max_cells:
             sentences.append(members)
             continue
-        if window_features is None:
+        if windower is None:
             raise ValueError(
                 f"A sample has {len(members)} cells, above max_cells_per_batch={max_cells}, "
-                "and no features to window it by."
+                "and no way to window it."
             )
-        windows = bisect_windows(window_features(members), max_cells)
-        sentences.extend(members[w] for w in windows)
+        sentences.extend(members[w] for w in windower(members))
     return sentences
 
 

@@ -24,7 +24,13 @@ from scvi.utils import setup_anndata_dsp
 from .._constants import MODULE_KEYS, REGISTRY_KEYS, SLOTS
 from .._exceptions import GeneAlignmentError, InputDataError
 from .._presets import PRESETS
-from ..data import INDICES_KEY, SentenceDataSplitter, make_sentences, sentence_dataloader
+from ..data import (
+    INDICES_KEY,
+    SentenceDataSplitter,
+    bisect_windows,
+    make_sentences,
+    sentence_dataloader,
+)
 from ..io._genes import align_genes
 from ..module import CellPLMModule
 from ..module._norm import Norm
@@ -307,23 +313,40 @@ class CellPLM(BaseModelClass):
         ids = var.index if key is None else var[key]
         return [str(g) for g in ids]
 
-    def _window_features(self, adata_manager: AnnDataManager):
-        """Features to window oversized samples by: coordinates, else an expression PCA."""
+    def _windower(self, adata_manager: AnnDataManager, max_cells: int | None = None):
+        """How oversized samples are cut into windows of at most ``max_cells`` cells.
+
+        Samples with coordinates: spectral bisection of squidpy's spatial graph (reusing
+        ``obsp['spatial_connectivities']``); others: bisection of an expression PCA.
+        """
+        max_cells = max_cells or self.max_cells_per_batch
+        coords = None
         if REGISTRY_KEYS.SPATIAL_KEY in adata_manager.data_registry:
-            coords = np.asarray(adata_manager.get_from_registry(REGISTRY_KEYS.SPATIAL_KEY))
-            return lambda members: coords[members]
+            coords = np.asarray(adata_manager.get_from_registry(REGISTRY_KEYS.SPATIAL_KEY), dtype=float)
+        cache: dict = {}
 
-        def expression_pca(members: np.ndarray) -> np.ndarray:
-            from sklearn.decomposition import TruncatedSVD
+        def graph():
+            if "graph" not in cache:
+                from ..spatial import spatial_graph
 
+                setup = self._setup_args(adata_manager)
+                cache["graph"] = spatial_graph(
+                    adata_manager.adata, setup["spatial_key"],
+                    library_key=setup.get("sample_key") or setup.get("batch_key"),
+                )
+            return cache["graph"]
+
+        def windower(members: np.ndarray) -> list[np.ndarray]:
+            if coords is not None and np.isfinite(coords[members]).all():
+                from ..spatial import graph_windows
+
+                sub = graph()[members][:, members]
+                return graph_windows(sub, max_cells, coords[members])
             x = adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)[np.sort(members)]
-            x = sparse.csr_matrix(x, dtype=np.float32).log1p()
             order = np.argsort(np.argsort(members))
-            n_comp = max(1, min(10, x.shape[1] - 1, x.shape[0] - 1))
-            emb = TruncatedSVD(n_components=n_comp, random_state=0).fit_transform(x)
-            return emb[order]
+            return bisect_windows(_expression_pca(x)[order], max_cells)
 
-        return expression_pca
+        return windower
 
     def _sample_codes(self, adata_manager: AnnDataManager) -> np.ndarray:
         return np.asarray(adata_manager.get_from_registry(REGISTRY_KEYS.SAMPLE_KEY)).reshape(-1)
@@ -341,7 +364,7 @@ class CellPLM(BaseModelClass):
         return make_sentences(
             self._sample_codes(manager),
             self.max_cells_per_batch,
-            self._window_features(manager),
+            self._windower(manager),
             indices=None if indices is None else np.asarray(indices),
         )
 
@@ -583,7 +606,7 @@ class CellPLM(BaseModelClass):
             manager,
             self._sample_codes(manager),
             max_cells_per_batch or self.max_cells_per_batch,
-            self._window_features(manager),
+            self._windower(manager, max_cells_per_batch),
             validation_size=validation_size,
             seed=seed,
         )
@@ -745,6 +768,17 @@ class CellPLM(BaseModelClass):
         from ..io._official import to_official
 
         to_official(self, prefix)
+
+
+def _expression_pca(x, n_components: int = 10) -> np.ndarray:
+    """Truncated SVD of log1p counts: the space large non-spatial samples are windowed in."""
+    from sklearn.decomposition import TruncatedSVD
+
+    x = sparse.csr_matrix(x, dtype=np.float32).log1p()
+    n_comp = min(n_components, x.shape[1] - 1, x.shape[0] - 1)
+    if n_comp < 1:
+        return x.toarray()
+    return TruncatedSVD(n_components=n_comp, random_state=0).fit_transform(x)
 
 
 def _check_obs_keys(adata: AnnData, **keys: str | None) -> None:
