@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from . import data, datasets, io, module, train
+from . import data, datasets, evaluation, io, module, spatial, train
 from ._constants import SLOTS
 from ._exceptions import CellPLMError, CheckpointError, GeneAlignmentError, InputDataError
 from ._presets import PAPER, PRESETS, SMALL_CPU
@@ -26,6 +26,8 @@ __all__ = [
     "GeneAlignmentError",
     "InputDataError",
     "data",
+    "evaluation",
+    "spatial",
     "datasets",
     "io",
     "module",

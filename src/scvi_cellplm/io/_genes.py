@@ -88,13 +88,16 @@ class GeneAlignment:
 
     @property
     def n_matched(self) -> int:
+        """Input genes matched to the vocabulary (by id or via symbols)."""
         return self.n_direct + self.n_symbol
 
     @property
     def n_input(self) -> int:
+        """Number of input genes."""
         return len(self.index)
 
     def summary(self) -> str:
+        """One line saying how many genes matched, and how."""
         return (
             f"{self.n_matched} of {self.n_input} genes matched the vocabulary "
             f"({self.n_direct} by id, {self.n_symbol} via symbol → Ensembl mapping)"

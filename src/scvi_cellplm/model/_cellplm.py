@@ -88,6 +88,9 @@ class CellPLM(BaseModelClass):
     batch_in_decoder
         Feed the registered batch to the decoder. ``False`` (official checkpoints, whose batch
         table does not know the user's batches) uses the sum over all batch vectors.
+    gene_likelihood
+        ``"nb"`` (raw counts; the paper's pretraining) or ``"gaussian"`` for normalised,
+        non-count values (e.g. in-situ measurements); NB on non-count data is an error.
     **module_kwargs
         Passed to :class:`~scvi_cellplm.module.CellPLMModule` (e.g. ``kl_free_bits``).
 
@@ -122,6 +125,7 @@ class CellPLM(BaseModelClass):
         n_batch_embeddings: int | None = None,
         n_dataset_embeddings: int = 0,
         batch_in_decoder: bool = True,
+        gene_likelihood: Literal["nb", "gaussian"] = "nb",
         **module_kwargs,
     ) -> None:
         super().__init__(adata)
@@ -151,6 +155,17 @@ class CellPLM(BaseModelClass):
                 "`CellPLM.setup_anndata(adata, spatial_key='spatial')` first."
             )
         n_batch = self.summary_stats.n_batch if n_batch_embeddings is None else n_batch_embeddings
+        if gene_likelihood == "nb" and not _looks_like_counts(self.adata_manager):
+            raise InputDataError(
+                "gene_likelihood='nb' needs raw counts, but the registered data holds non-integer "
+                "values. Register the raw counts (`layer=...`), or use gene_likelihood='gaussian' "
+                "for normalised data."
+            )
+        dataset_gene_mask = None
+        if REGISTRY_KEYS.DATASET_KEY in self.adata_manager.data_registry:
+            dataset_gene_mask = torch.as_tensor(_measured_genes(self.adata_manager))
+            if not n_dataset_embeddings:
+                n_dataset_embeddings = int(dataset_gene_mask.shape[0])
         self.module = self._module_cls(
             n_input=self.summary_stats.n_vars,
             n_genes=len(self.gene_vocabulary),
@@ -169,6 +184,8 @@ class CellPLM(BaseModelClass):
             n_spatial_dims=max(int(n_spatial), 2),
             norm=norm,
             dropout=dropout,
+            gene_likelihood=gene_likelihood,
+            dataset_gene_mask=dataset_gene_mask,
             **module_kwargs,
         )
         config = {
@@ -202,6 +219,7 @@ class CellPLM(BaseModelClass):
         labels_key: str | None = None,
         spatial_key: str | None = None,
         gene_id_key: str | None = None,
+        dataset_key: str | None = None,
         **kwargs,
     ) -> None:
         """%(summary)s.
@@ -221,6 +239,12 @@ class CellPLM(BaseModelClass):
         gene_id_key
             Column of ``adata.var`` with gene ids (Ensembl ids for official checkpoints). Default:
             ``adata.var_names``.
+        dataset_key
+            Key in ``adata.obs`` of the dataset (gene panel) of each cell, for data joined from
+            datasets that measured different genes (e.g. a spatial panel and an scRNA-seq
+            reference, concatenated with zeros for unmeasured genes). A gene counts as measured by a
+            dataset when it is non-zero in at least one of its cells; unmeasured genes are
+            excluded from the loss and are what imputation predicts.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         if gene_id_key is not None and gene_id_key not in adata.var:
@@ -228,7 +252,8 @@ class CellPLM(BaseModelClass):
                 f"`gene_id_key={gene_id_key!r}` is not a column of adata.var "
                 f"(columns: {list(adata.var.columns)})."
             )
-        _check_obs_keys(adata, batch_key=batch_key, sample_key=sample_key, labels_key=labels_key)
+        _check_obs_keys(adata, batch_key=batch_key, sample_key=sample_key, labels_key=labels_key,
+                        dataset_key=dataset_key)
         _check_counts(adata, layer)
         if spatial_key is not None:
             _check_spatial(adata, spatial_key)
@@ -238,6 +263,8 @@ class CellPLM(BaseModelClass):
             fields.CategoricalObsField(REGISTRY_KEYS.SAMPLE_KEY, sample_key or batch_key),
             fields.CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
         ]
+        if dataset_key is not None:
+            anndata_fields.append(fields.CategoricalObsField(REGISTRY_KEYS.DATASET_KEY, dataset_key))
         if spatial_key is not None:
             anndata_fields.append(fields.ObsmField(REGISTRY_KEYS.SPATIAL_KEY, spatial_key))
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
@@ -489,6 +516,7 @@ class CellPLM(BaseModelClass):
         library_size: float | Literal["latent"] = 1,
         batch_size: int | None = None,
         return_numpy: bool = False,
+        transform_dataset: str | None = None,
     ) -> np.ndarray | pd.DataFrame:
         """Denoised expression: the decoder's normalised means, scaled to ``library_size``.
 
@@ -501,9 +529,14 @@ class CellPLM(BaseModelClass):
         gene_list
             Genes to return (default: all registered genes).
         library_size
-            Total counts each cell is scaled to, or ``"latent"`` for its observed library.
+            Total counts each cell is scaled to, or ``"latent"`` for its observed library (over the
+            genes its dataset measured). Ignored for ``gene_likelihood="gaussian"``, whose
+            predictions are on the scale of the data.
         return_numpy
             Return an array instead of a DataFrame (obs names × gene names).
+        transform_dataset
+            Decode every cell as if measured by this dataset (category of ``dataset_key``), e.g.
+            the reference when imputing genes a spatial panel lacks.
 
         Returns
         -------
@@ -527,6 +560,12 @@ class CellPLM(BaseModelClass):
         n_out = adata.n_obs if indices is None else len(indices)
         out = np.zeros((n_out, len(genes)), dtype=np.float32)
         n_batch_decoder = self.summary_stats.n_batch
+        dataset_code = None
+        if transform_dataset is not None:
+            mapping = list(manager.get_state_registry(REGISTRY_KEYS.DATASET_KEY).categorical_mapping)
+            if transform_dataset not in mapping:
+                raise ValueError(f"`transform_dataset` must be one of {mapping}, got {transform_dataset!r}.")
+            dataset_code = mapping.index(transform_dataset)
         for obs, tensors in self._inference_batches(adata, indices, batch_size):
             inputs = self.module._get_inference_input(tensors)
             res = self.module.inference(**inputs)
@@ -541,18 +580,20 @@ class CellPLM(BaseModelClass):
                         "as a known batch with `transform_batch=[...]` (e.g. "
                         f"{list(self.adata_manager.get_state_registry('batch').categorical_mapping[:3])})."
                     )
+                dataset = tensors.get(REGISTRY_KEYS.DATASET_KEY)
                 gen = self.module.generative(
                     res[MODULE_KEYS.Z_KEY],
                     res[MODULE_KEYS.LIBRARY_KEY],
                     batch if self.batch_in_decoder else None,
+                    dataset,
+                    None if dataset_code is None else torch.full_like(dataset, dataset_code),
                 )
-                scale = gen[MODULE_KEYS.PX_SCALE_KEY]
-                lib = (
-                    res[MODULE_KEYS.LIBRARY_KEY].view(-1, 1)
-                    if library_size == "latent"
-                    else library_size
-                )
-                acc = acc + scale * lib
+                if self.module.gene_likelihood == "gaussian":
+                    acc = acc + gen[MODULE_KEYS.PX_SCALE_KEY]  # predictions on the data's scale
+                elif library_size == "latent":
+                    acc = acc + gen["px_rate"]
+                else:
+                    acc = acc + gen[MODULE_KEYS.PX_SCALE_KEY] * library_size
             keep = pos[obs] >= 0
             values = (acc / len(codes))[:, genes].float().cpu().numpy()
             out[pos[obs][keep]] = values[keep]
@@ -560,6 +601,29 @@ class CellPLM(BaseModelClass):
             return out
         obs_names = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
         return pd.DataFrame(out, index=obs_names, columns=var_names[genes])
+
+    def impute(
+        self,
+        adata: AnnData | None = None,
+        genes: Sequence[str] | None = None,
+        indices: Sequence[int] | None = None,
+        transform_dataset: str | None = None,
+    ) -> pd.DataFrame:
+        """Predicted expression of ``genes`` for every cell, on the scale of its own data.
+
+        For a model set up with ``dataset_key`` on a spatial panel joined with a reference,
+        this predicts the genes the panel did not measure (counts at the cell's observed library
+        for NB; values on the data's scale for the Gaussian likelihood).
+
+        ``transform_dataset`` decodes as that dataset (default: each cell's own).
+
+        Returns
+        -------
+        DataFrame (cells x genes), e.g. for ``sp_adata.obsm["cellplm_imputed"]``.
+        """
+        return self.get_normalized_expression(adata, indices=indices, gene_list=genes,
+                                              library_size="latent",
+                                              transform_dataset=transform_dataset)
 
     # ------------------------------------------------------------------ training
     def train(
@@ -757,17 +821,68 @@ class CellPLM(BaseModelClass):
     def from_official(cls, prefix: str, adata: AnnData, **kwargs) -> CellPLM:
         """Load an official CellPLM checkpoint pair ``PREFIX.config.json`` + ``PREFIX.best.ckpt``.
 
-        See :func:`scvi_cellplm.io.from_official`.
+        The official configuration is translated into keyword arguments of this class, and every
+        official weight is mapped, with its shape checked, onto the new model. Weights are read with
+        ``torch.load(weights_only=True)``. Embeddings equal the official package's to 1e-5.
+
+        Parameters
+        ----------
+        prefix
+            Path prefix of the pair, e.g. ``"ckpt/20231027_85M"``.
+        adata
+            AnnData registered with :meth:`setup_anndata` (raw counts). Its genes (Ensembl ids, or
+            symbols mapped offline) are aligned to the checkpoint's gene vocabulary.
+        **kwargs
+            Replace translated keyword arguments, e.g. ``max_cells_per_batch`` or
+            ``positional_encoding="sinusoidal"`` (a new, untrained encoding to fine-tune).
+
+        Returns
+        -------
+        The loaded model, marked as trained.
+
+        Raises
+        ------
+        ~scvi_cellplm.CheckpointError
+            Missing, unreadable, unsafe or mismatching files, or an unsupported configuration.
         """
         from ..io._official import from_official
 
         return from_official(cls, prefix, adata, **kwargs)
 
     def to_official(self, prefix: str) -> None:
-        """Write this model as an official checkpoint pair (see :func:`scvi_cellplm.io.to_official`)."""
+        """Write this model as an official checkpoint pair ``PREFIX.config.json`` + ``PREFIX.best.ckpt``.
+
+        The official package loads the pair and computes the same embeddings. Only models with
+        ``attention="flowformer"`` and ``positional_encoding="none"`` can be written (the official
+        format has no other choice); others raise :class:`~scvi_cellplm.CheckpointError`.
+
+        Parameters
+        ----------
+        prefix
+            Path prefix of the two files (missing folders are created).
+        """
         from ..io._official import to_official
 
         to_official(self, prefix)
+
+
+def _looks_like_counts(adata_manager: AnnDataManager, max_rows: int = 20_000) -> bool:
+    x = adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+    x = x[: min(max_rows, x.shape[0])]
+    values = x.data if sparse.issparse(x) else np.asarray(x)
+    return bool(np.allclose(values, np.round(values)))
+
+
+def _measured_genes(adata_manager: AnnDataManager) -> np.ndarray:
+    """``(n_dataset, n_vars)``: genes non-zero in at least one cell of each dataset."""
+    x = sparse.csr_matrix(adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY))
+    codes = np.asarray(adata_manager.get_from_registry(REGISTRY_KEYS.DATASET_KEY)).ravel()
+    n_dataset = adata_manager.summary_stats.get(f"n_{REGISTRY_KEYS.DATASET_KEY}", int(codes.max()) + 1)
+    mask = np.zeros((n_dataset, x.shape[1]), dtype=bool)
+    for d in range(n_dataset):
+        rows = x[codes == d]
+        mask[d] = rows.getnnz(axis=0) > 0
+    return mask
 
 
 def _expression_pca(x, n_components: int = 10) -> np.ndarray:

@@ -66,6 +66,14 @@ class CellPLMModule(BaseModuleClass):
     masked_recon_weight
         Weight of the reconstruction of the hidden entries (the denoising term) next to the
         reconstruction of all genes of the masked cells.
+    gene_likelihood
+        ``"nb"`` for raw counts (paper pretraining) or ``"gaussian"`` (squared error) for
+        normalised, non-count values such as in-situ measurements.
+    dataset_gene_mask
+        ``(n_dataset, n_input)`` booleans: which genes each dataset measured. The embedder reads
+        only genes measured by every dataset (so all cells are embedded from the same panel);
+        unmeasured genes never enter the loss (they are not zeros) and are what imputation
+        predicts.
     """
 
     def __init__(
@@ -93,8 +101,18 @@ class CellPLMModule(BaseModuleClass):
         gmvae_gaussian_weight: float = 1.0,
         gmvae_categorical_weight: float = 1.0,
         masked_recon_weight: float = 1.0,
+        gene_likelihood: Literal[nb, gaussian] = "nb",
+        dataset_gene_mask: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        if gene_likelihood not in ("nb", "gaussian"):
+            raise ValueError(f"`gene_likelihood` must be 'nb' or 'gaussian', got {gene_likelihood!r}.")
+        self.gene_likelihood = gene_likelihood
+        if dataset_gene_mask is not None:
+            dataset_gene_mask = torch.as_tensor(dataset_gene_mask, dtype=torch.bool)
+            if dataset_gene_mask.ndim != 2 or dataset_gene_mask.shape[1] != n_input:
+                raise ValueError("`dataset_gene_mask` must be (n_dataset, n_input).")
+        self.register_buffer("dataset_gene_mask", dataset_gene_mask)
         n_genes = n_input if n_genes is None else n_genes
         if gene_index is not None:
             gene_index = torch.as_tensor(gene_index, dtype=torch.long)
@@ -127,6 +145,7 @@ class CellPLMModule(BaseModuleClass):
             norm=norm,
             n_batch=n_batch,
             n_dataset=n_dataset,
+            likelihood=gene_likelihood,
         )
 
     # ---------------------------------------------------------------- inputs
@@ -138,12 +157,22 @@ class CellPLMModule(BaseModuleClass):
         }
 
     def _get_generative_input(self, tensors: dict, inference_outputs: dict) -> dict:
-        batch = tensors.get(REGISTRY_KEYS.BATCH_KEY)
         return {
             MODULE_KEYS.Z_KEY: inference_outputs[MODULE_KEYS.Z_KEY],
             MODULE_KEYS.LIBRARY_KEY: inference_outputs[MODULE_KEYS.LIBRARY_KEY],
-            MODULE_KEYS.BATCH_INDEX_KEY: batch,
+            MODULE_KEYS.BATCH_INDEX_KEY: tensors.get(REGISTRY_KEYS.BATCH_KEY),
+            "dataset_index": tensors.get(REGISTRY_KEYS.DATASET_KEY),
         }
+
+    def measured_genes(self, n_cells: int, dataset_index: torch.Tensor | None) -> torch.Tensor:
+        """``(n_cells, n_input)`` booleans: genes measured for each cell and in the vocabulary."""
+        device = self.embedder.gene_table.device
+        valid = torch.ones(n_cells, self.n_input, dtype=torch.bool, device=device)
+        if self.gene_index is not None:
+            valid = valid & self.input_gene_mask
+        if self.dataset_gene_mask is not None and dataset_index is not None:
+            valid = valid & self.dataset_gene_mask[dataset_index.view(-1).long()]
+        return valid
 
     # ---------------------------------------------------------------- pieces
     @property
@@ -169,7 +198,10 @@ class CellPLMModule(BaseModuleClass):
                     "register them with `setup_anndata(..., spatial_key=...)`."
                 )
             positional = self.pos_encoder(coords, sentence)
-        h = self.embedder(x, self.gene_index, positional)
+        shared = None
+        if self.dataset_gene_mask is not None:  # read only genes that every dataset measured
+            shared = self.dataset_gene_mask.all(dim=0)
+        h = self.embedder(x, self.gene_index, positional, keep=shared)
         return self.encoder(h, sentence)
 
     # ---------------------------------------------------------------- scvi-tools API
@@ -207,18 +239,35 @@ class CellPLMModule(BaseModuleClass):
         library: torch.Tensor,
         batch_index: torch.Tensor | None = None,
         dataset_index: torch.Tensor | None = None,
+        decode_dataset_index: torch.Tensor | None = None,
     ) -> dict:
-        """Negative-binomial parameters over the input genes."""
-        mean, theta = self.decoder(z, batch_index, dataset_index)
+        """Likelihood parameters over the input genes.
+
+        ``dataset_index`` (the cells' own datasets) sets which genes their library covers;
+        ``decode_dataset_index`` (default: the same) is the dataset the decoder speaks for.
+        """
+        decode = dataset_index if decode_dataset_index is None else decode_dataset_index
+        mean, theta = self.decoder(z, batch_index, decode)
         if self.gene_index is not None:
             keep = self.input_gene_mask
             mean = mean[:, self.gene_index.clamp(min=0)] * keep
             theta = theta[self.gene_index.clamp(min=0)]
+        if self.gene_likelihood == "gaussian":
+            return {
+                MODULE_KEYS.PX_SCALE_KEY: mean,
+                MODULE_KEYS.PX_THETA_KEY: theta,
+                MODULE_KEYS.PX_KEY: Normal(mean, theta.rsqrt().expand_as(mean), validate_args=False),
+            }
         scale = mean / mean.sum(dim=1, keepdim=True)
-        rate = scale * library.view(-1, 1)
+        if self.dataset_gene_mask is not None and dataset_index is not None:
+            measured = self.measured_genes(z.shape[0], dataset_index)
+            rate = scale / (scale * measured).sum(1, keepdim=True).clamp(min=1e-12) * library.view(-1, 1)
+        else:
+            rate = scale * library.view(-1, 1)
         return {
             MODULE_KEYS.PX_SCALE_KEY: scale,
             MODULE_KEYS.PX_THETA_KEY: theta,
+            "px_rate": rate,
             MODULE_KEYS.PX_KEY: NegativeBinomial(mu=rate.clamp(min=1e-8), theta=theta, validate_args=False),
         }
 
@@ -249,19 +298,18 @@ class CellPLMModule(BaseModuleClass):
         x = _dense(tensors[REGISTRY_KEYS.X_KEY])
         scale = generative_outputs[MODULE_KEYS.PX_SCALE_KEY]
         theta = generative_outputs[MODULE_KEYS.PX_THETA_KEY]
-        valid = self.input_gene_mask
-        valid = torch.ones(x.shape[1], dtype=torch.bool, device=x.device) if valid is None else valid
+        valid = self.measured_genes(x.shape[0], tensors.get(REGISTRY_KEYS.DATASET_KEY))
         if input_mask is None:
             cells = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         else:
-            cells = input_mask.any(dim=1)
-        x_c, scale_c = x[cells][:, valid], scale[cells][:, valid]
-        recon = _nb_nll(x_c, scale_c, theta[valid])
+            cells = (input_mask & valid).any(dim=1)
+        nll = _gaussian_nll if self.gene_likelihood == "gaussian" else _nb_nll
+        x_c, scale_c, valid_c = x[cells], scale[cells], valid[cells]
+        recon = nll(x_c, scale_c, theta, valid_c)
         terms = {"recon_cells": recon}
         if input_mask is not None and self.masked_recon_weight > 0:
-            hidden = input_mask[cells][:, valid]
-            masked = _nb_nll(x_c * hidden, scale_c * hidden, theta[valid], entries=hidden)
-            terms["recon_masked"] = self.masked_recon_weight * masked
+            hidden = input_mask[cells] & valid_c
+            terms["recon_masked"] = self.masked_recon_weight * nll(x_c, scale_c, theta, hidden)
             recon = recon + terms["recon_masked"]
         latent = inference_outputs[MODULE_KEYS.LATENT_LOSS_KEY]
         kl = sum(latent.values())
@@ -290,15 +338,32 @@ def _row_sum(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 
 
 def _nb_nll(
-    x: torch.Tensor, scale: torch.Tensor, theta: torch.Tensor, entries: torch.Tensor | None = None
+    x: torch.Tensor, scale: torch.Tensor, theta: torch.Tensor, entries: torch.Tensor
 ) -> torch.Tensor:
-    """Mean over cells of the summed NB negative log-likelihood, library matched to ``x``."""
+    """Mean over cells of the NB negative log-likelihood summed over ``entries``.
+
+    The means are renormalised over the entries and matched to their observed library, as the
+    official objective does.
+    """
     if x.shape[0] == 0:
         return x.new_zeros(())
-    lib = x.sum(dim=1, keepdim=True)
+    entries = entries.to(x.dtype)
+    lib = (x * entries).sum(dim=1, keepdim=True)
+    scale = scale * entries
     mu = scale / scale.sum(dim=1, keepdim=True).clamp(min=1e-12) * lib
     nb = NegativeBinomial(mu=mu.clamp(min=1e-8), theta=theta.expand_as(mu), validate_args=False)
-    nll = -nb.log_prob(x)
-    if entries is not None:
-        nll = nll * entries
-    return nll.sum(dim=-1).mean()
+    return (-nb.log_prob(x) * entries).sum(dim=-1).mean()
+
+
+def _gaussian_nll(
+    x: torch.Tensor, prediction: torch.Tensor, precision: torch.Tensor, entries: torch.Tensor
+) -> torch.Tensor:
+    """Mean over cells of the Gaussian negative log-likelihood summed over ``entries``.
+
+    ``precision`` is the learned gene-wise inverse variance (the decoder's ``theta``): a fixed
+    unit variance would let the KL term collapse the latent on low-variance data.
+    """
+    if x.shape[0] == 0:
+        return x.new_zeros(())
+    nll = 0.5 * (precision * (x - prediction) ** 2 - torch.log(precision))
+    return (nll * entries.to(x.dtype)).sum(dim=-1).mean()

@@ -55,6 +55,9 @@ class NBDecoder(nn.Module):
         Categories of the batch / dataset covariates (0 = none).
     n_head_hidden
         Width of the head's hidden layer (128 in the official checkpoints).
+    likelihood
+        ``"nb"``: positive means (``exp``, clamped as the official decoder); ``"gaussian"``:
+        unconstrained predictions of (normalised) expression.
     """
 
     def __init__(
@@ -69,8 +72,10 @@ class NBDecoder(nn.Module):
         n_batch: int = 0,
         n_dataset: int = 0,
         n_head_hidden: int = 128,
+        likelihood: str = "nb",
     ) -> None:
         super().__init__()
+        self.likelihood = likelihood
         if n_layers < 2:
             raise ValueError(f"`n_decoder_layers` must be at least 2, got {n_layers}.")
         dims = [n_latent] + [n_hidden] * (n_layers - 1)
@@ -106,6 +111,7 @@ class NBDecoder(nn.Module):
                     x = x + cov["batch"](batch_index)
                 if "dataset" in cov:
                     x = x + cov["dataset"](dataset_index)
-        mean = torch.exp(self.mean(torch.relu(self.head(x)))).clamp(min=1e-5, max=1e6)
+        out = self.mean(torch.relu(self.head(x)))
+        mean = out if self.likelihood == "gaussian" else torch.exp(out).clamp(min=1e-5, max=1e6)
         theta = torch.exp(self.log_theta).clamp(min=1e-4, max=1e4)
         return mean, theta

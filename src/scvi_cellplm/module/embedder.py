@@ -48,21 +48,28 @@ class GeneEmbedder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.norm = make_norm(norm, n_hidden)
 
-    def table_for(self, gene_index: torch.Tensor | None) -> torch.Tensor:
-        """Gene vectors of the input columns; zero rows for genes outside the vocabulary."""
-        if gene_index is None:
-            return self.gene_table
-        table = self.gene_table[gene_index.clamp(min=0)]
-        return table * (gene_index >= 0).unsqueeze(-1).to(table.dtype)
+    def table_for(
+        self, gene_index: torch.Tensor | None, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Gene vectors of the input columns; zero rows for genes outside the vocabulary and for
+        genes not in ``keep`` (a boolean per input column)."""
+        table = self.gene_table if gene_index is None else self.gene_table[gene_index.clamp(min=0)]
+        if gene_index is not None:
+            keep = gene_index >= 0 if keep is None else keep & (gene_index >= 0)
+        if keep is not None:
+            table = table * keep.unsqueeze(-1).to(table.dtype)
+        return table
 
     def forward(
         self,
         x: torch.Tensor,
         gene_index: torch.Tensor | None = None,
         positional: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Cell tokens ``(n_cells, n_hidden)`` from counts ``(n_cells, n_input)``."""
-        h = log1p_matmul(x, self.table_for(gene_index))
+        """Cell tokens ``(n_cells, n_hidden)`` from counts ``(n_cells, n_input)``; only the input
+        columns in ``keep`` (default: all) are read."""
+        h = log1p_matmul(x, self.table_for(gene_index, keep))
         if positional is not None:
             h = h + positional
         return self.norm(self.dropout(F.relu(self.proj(h))))

@@ -1,0 +1,142 @@
+"""Spatial gene imputation with an scRNA-seq reference, through one joint CellPLM."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scipy import sparse
+
+logger = logging.getLogger(__name__)
+
+DATASET_COLUMN = "_cellplm_dataset"
+SAMPLE_COLUMN = "_cellplm_sample"
+
+
+def joint_anndata(
+    spatial: AnnData,
+    reference: AnnData,
+    *,
+    layer: str | None = None,
+    spatial_key: str = "spatial",
+    sample_key: str | None = None,
+    reference_sample_key: str | None = None,
+    rescale: bool = False,
+) -> AnnData:
+    """Concatenate a spatial panel and a reference over the union of their genes.
+
+    Unmeasured genes are zeros, ``obs['_cellplm_dataset']`` says which dataset each cell comes
+    from (so the model masks unmeasured genes out of its loss), ``obs['_cellplm_sample']`` gives
+    the sentences (spatial samples by ``sample_key``; the reference by ``reference_sample_key``),
+    and reference cells have NaN coordinates. With ``rescale`` (for normalised, non-count values
+    measured on different scales), each gene is divided by its 99th percentile within each
+    dataset. The inputs are not modified.
+    """
+    def _part(adata, name, key, coords):
+        x = sparse.csr_matrix(adata.X if layer is None else adata.layers[layer], dtype=np.float32)
+        if rescale:
+            dense = x.toarray()
+            top = np.percentile(dense, 99, axis=0)
+            top = np.where(top > 0, top, dense.max(axis=0))
+            x = sparse.csr_matrix(dense / np.where(top > 0, top, 1.0))
+        part = AnnData(x, obs=pd.DataFrame(index=adata.obs_names),
+                       var=pd.DataFrame(index=adata.var_names))
+        part.obs[DATASET_COLUMN] = name
+        part.obs[SAMPLE_COLUMN] = (
+            name if key is None else name + ":" + adata.obs[key].astype(str).to_numpy()
+        )
+        part.obsm[spatial_key] = coords
+        return part
+
+    coords = np.asarray(spatial.obsm[spatial_key], dtype=np.float64)
+    sp = _part(spatial, "spatial", sample_key, coords)
+    ref = _part(reference, "reference", reference_sample_key,
+                np.full((reference.n_obs, coords.shape[1]), np.nan))
+    joint = ad.concat([sp, ref], join="outer", fill_value=0, index_unique="-", keys=["spatial", "reference"])
+    joint.obs[DATASET_COLUMN] = pd.Categorical(joint.obs[DATASET_COLUMN])
+    joint.obs[SAMPLE_COLUMN] = pd.Categorical(joint.obs[SAMPLE_COLUMN])
+    joint.X = sparse.csr_matrix(joint.X)
+    return joint
+
+
+def impute_genes(
+    spatial: AnnData,
+    reference: AnnData,
+    genes: Sequence[str] | None = None,
+    *,
+    layer: str | None = None,
+    spatial_key: str = "spatial",
+    sample_key: str | None = None,
+    reference_sample_key: str | None = None,
+    gene_likelihood: Literal["nb", "gaussian"] = "nb",
+    positional_encoding: Literal["sinusoidal", "learned", "none"] = "sinusoidal",
+    max_epochs: int = 100,
+    key_added: str | None = "cellplm_imputed",
+    model_kwargs: dict | None = None,
+    train_kwargs: dict | None = None,
+):
+    """Predict genes a spatial panel did not measure, from a reference of the same tissue.
+
+    Trains one CellPLM on the spatial cells (with their positions) and the reference cells
+    (without) together; unmeasured genes are masked out of the loss, never treated as zeros.
+
+    Parameters
+    ----------
+    spatial
+        Spatial data (gene panel) with coordinates in ``obsm[spatial_key]``.
+    reference
+        scRNA-seq (or other dissociated) data of the same tissue with more genes.
+    genes
+        Genes to predict (default: reference genes not in the panel).
+    layer
+        Layer of both inputs holding the values (default ``.X``).
+    spatial_key, sample_key, reference_sample_key
+        Coordinates key; obs keys of the spatial samples (sections/FOVs) and reference samples.
+    gene_likelihood
+        ``"nb"`` for raw counts, ``"gaussian"`` for normalised values.
+    positional_encoding
+        Encoding of the spatial coordinates (``"none"`` ignores positions).
+    max_epochs
+        Training epochs.
+    key_added
+        Also store the result in ``spatial.obsm[key_added]`` (``None``: do not).
+    model_kwargs, train_kwargs
+        Passed to :class:`~scvi_cellplm.CellPLM` and its ``train``.
+
+    Returns
+    -------
+    The imputed values (DataFrame: spatial cells x genes) and the trained model. For the
+    Gaussian likelihood, values are in units of each gene's 99th percentile in the spatial data
+    (rank- and correlation-preserving).
+    """
+    from ..model import CellPLM
+
+    if genes is None:
+        genes = [g for g in reference.var_names if g not in set(spatial.var_names)]
+    missing = [g for g in genes if g not in set(reference.var_names) | set(spatial.var_names)]
+    if missing:
+        raise ValueError(f"Genes in neither dataset: {missing[:5]}.")
+    joint = joint_anndata(spatial, reference, layer=layer, spatial_key=spatial_key,
+                          sample_key=sample_key, reference_sample_key=reference_sample_key,
+                          rescale=gene_likelihood == "gaussian")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*NaN/inf coordinates.*")
+        warnings.filterwarnings("ignore", message=".*non-integer values.*")
+        CellPLM.setup_anndata(joint, sample_key=SAMPLE_COLUMN, dataset_key=DATASET_COLUMN,
+                              spatial_key=spatial_key)
+    model = CellPLM(joint, gene_likelihood=gene_likelihood, positional_encoding=positional_encoding,
+                    **(model_kwargs or {}))
+    model.train(max_epochs=max_epochs, **{"enable_progress_bar": False, **(train_kwargs or {})})
+    is_spatial = np.flatnonzero(joint.obs[DATASET_COLUMN].to_numpy() == "spatial")
+    # decode as the reference: the dataset whose decoder learned the genes the panel lacks
+    result = model.impute(joint, genes=list(genes), indices=is_spatial, transform_dataset="reference")
+    result.index = spatial.obs_names
+    if key_added is not None:
+        spatial.obsm[key_added] = result
+    return result, model
