@@ -103,7 +103,7 @@ class CellPLMModule(BaseModuleClass):
         gmvae_gaussian_weight: float = 1.0,
         gmvae_categorical_weight: float = 1.0,
         masked_recon_weight: float = 1.0,
-        gene_likelihood: Literal[nb, gaussian] = "nb",
+        gene_likelihood: Literal["nb", "gaussian"] = "nb",
         dataset_gene_mask: torch.Tensor | None = None,
     ) -> None:
         super().__init__()

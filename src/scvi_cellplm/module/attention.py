@@ -46,6 +46,7 @@ class FlowAttention(_Projections):
     eps = 1e-6
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Attend within each padded sentence: ``x`` ``(batch, length, hidden)``, ``valid`` ``(batch, length)``."""
         eps = self.eps
         keep = valid[:, None, :, None].to(x.dtype)  # (b, 1, l, 1)
         q = torch.sigmoid(self._heads(self.q_proj(x))) * keep
@@ -72,6 +73,7 @@ class SoftmaxAttention(_Projections):
     """Standard multi-head attention through :func:`torch.nn.functional.scaled_dot_product_attention`."""
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Attend within each padded sentence: ``x`` ``(batch, length, hidden)``, ``valid`` ``(batch, length)``."""
         q, k, v = (self._heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))
         mask = valid[:, None, None, :]  # keys to attend to
         out = F.scaled_dot_product_attention(

@@ -30,6 +30,7 @@ class VAELatent(nn.Module):
         self.log_var = nn.Linear(n_hidden, n_latent)
 
     def forward(self, h: torch.Tensor, *, sample: bool) -> dict[str, torch.Tensor]:
+        """``z`` (a posterior sample if ``sample``, else the mean), ``qzm``, ``qzv`` and the KL term ``kl``."""
         mu = self.mean(h)
         var = self.log_var(h).clamp(-5.0, 5.0).exp() + 1e-4
         z = mu + var.sqrt() * torch.randn_like(mu) if sample else mu
@@ -67,6 +68,11 @@ class GMVAELatent(nn.Module):
     def forward(
         self, h: torch.Tensor, *, sample: bool, temperature: float = 1.0
     ) -> dict[str, torch.Tensor]:
+        """``z``, ``qzm``, ``qzv``, ``cluster_probs`` and the KL terms ``kl_gaussian``, ``kl_categorical``.
+
+        With ``sample``, a relaxed (Gumbel-softmax) cluster at ``temperature`` and a posterior sample;
+        else the most likely cluster and the posterior mean.
+        """
         logits = self.cluster_logits(h)
         probs = F.softmax(logits, dim=-1)
         if sample:  # relaxed (Gumbel-softmax) cluster sample, as in training of the paper model
