@@ -85,11 +85,12 @@ def test_module_shapes_and_deterministic_eval(latent, attention):
     assert m.embedder.gene_table.grad is not None
 
 
-def test_sparse_and_dense_inputs_embed_identically():
+@pytest.mark.parametrize("density", [0.01, 0.7])  # sparse product / chunked dense product
+def test_sparse_and_dense_inputs_embed_identically(density):
     torch.manual_seed(0)
-    m = CellPLMModule(30, n_hidden=16, n_layers=1, n_heads=2, n_latent=6).eval()
-    x = _counts()
-    sentence = torch.zeros(40, dtype=torch.long)
+    m = CellPLMModule(300, n_hidden=16, n_layers=1, n_heads=2, n_latent=6).eval()
+    x = _counts(n=5000, g=300) * (torch.rand(5000, 300) < density)
+    sentence = torch.arange(5000) // 700
     dense = m.inference(x, sentence)["qzm"]
     csr = m.inference(x.to_sparse_csr(), sentence)["qzm"]
     torch.testing.assert_close(dense, csr, atol=1e-5, rtol=1e-5)

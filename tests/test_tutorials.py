@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
-_QUIETENED = ("lightning", "lightning.pytorch", "scvi", "scvi_cellplm")
+_QUIETENED = (
+    "lightning", "lightning.pytorch", "lightning.fabric", "lightning.fabric.utilities.seed", "scvi",
+    "scvi_cellplm",
+)
 TUTORIALS = sorted((Path(__file__).resolve().parents[1] / "tutorials").glob("*.py"))
 
 

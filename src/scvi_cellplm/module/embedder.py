@@ -18,12 +18,31 @@ def log1p_matmul(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return _log1p_matmul(x.float(), table.float())
 
 
+DENSE_DENSITY = 0.05
+"""Above this fraction of non-zeros, sparse input is densified in row chunks for a dense GEMM
+(many times faster per FLOP than a sparse product on CPUs)."""
+CHUNK_CELLS = 4096
+
+
 def _log1p_matmul(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    if x.layout != torch.strided:
-        if x.layout != torch.sparse_csr:
-            x = x.to_sparse_csr()
+    if x.layout == torch.strided:
+        return torch.log1p(x) @ table
+    if x.layout != torch.sparse_csr:
+        x = x.to_sparse_csr()
+    n_rows, n_cols = x.shape
+    if x.values().numel() < DENSE_DENSITY * max(n_rows * n_cols, 1):
         return torch.sparse.mm(torch.log1p(x), table)
-    return torch.log1p(x) @ table
+    crow, col, val = x.crow_indices(), x.col_indices(), torch.log1p(x.values())
+    chunks = []
+    for start in range(0, n_rows, CHUNK_CELLS):  # bounded memory: one dense chunk at a time
+        stop = min(start + CHUNK_CELLS, n_rows)
+        lo, hi = int(crow[start]), int(crow[stop])
+        counts = crow[start + 1 : stop + 1] - crow[start:stop]
+        rows = torch.repeat_interleave(torch.arange(stop - start, device=x.device), counts)
+        dense = table.new_zeros(stop - start, n_cols)
+        dense[rows, col[lo:hi]] = val[lo:hi]
+        chunks.append(dense @ table)
+    return torch.cat(chunks) if chunks else table.new_zeros(0, table.shape[1])
 
 
 class GeneEmbedder(nn.Module):
