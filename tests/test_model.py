@@ -182,3 +182,16 @@ def test_nan_loss_stops_training_with_a_hint(small_pancreas):
         model.module.embedder.gene_table.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="learning rate"):
         model.train(max_epochs=1, enable_progress_bar=False)
+
+
+def test_training_after_inference_runs_in_train_mode(trained_small):
+    trained_small.get_latent_representation()  # leaves the module in eval mode
+    modes = []
+
+    class Spy(__import__("lightning").pytorch.Callback):
+        def on_train_batch_start(self, trainer, pl_module, *args):
+            modes.append(pl_module.module.training)
+
+    trained_small.train(max_epochs=1, enable_progress_bar=False, callbacks=[Spy()])
+    assert modes and all(modes)
+    assert not trained_small.module.training  # eval again afterwards

@@ -689,6 +689,7 @@ class CellPLM(BaseModelClass):
             gradient_clip_val=gradient_clip_val,
             **trainer_kwargs,
         )
+        self.module.train()  # Lightning keeps modules' modes: leave eval() from earlier inference
         try:
             return runner()
         except SystemExit as err:
