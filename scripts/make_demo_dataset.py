@@ -7,7 +7,6 @@ counts, by library), raw integer counts in ``.X``.
 
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import scanpy as sc
 

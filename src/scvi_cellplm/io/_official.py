@@ -12,13 +12,12 @@ import json
 import logging
 import math
 import os
-import pickle
-import zipfile
 from typing import Any
 
 import torch
 
 from .._exceptions import CheckpointError
+from ._safe_load import safe_torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -178,17 +177,7 @@ def _key_map_for(module) -> dict[str, str]:
 
 def read_official_weights(path: str) -> dict[str, torch.Tensor]:
     """The official state dict in ``path``, loaded without executing pickled code."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"No official weights at {path}.")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"Refusing to load {path}: it contains pickled objects other than tensors, whose "
-            f"loading would execute code. Details: {err}"
-        ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise CheckpointError(f"{path} is truncated or corrupted: {err}") from err
+    payload = safe_torch_load(path, "official weights")
     state = payload.get("model_state_dict", payload) if isinstance(payload, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors.")

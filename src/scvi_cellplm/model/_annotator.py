@@ -14,7 +14,7 @@ from scvi.data import AnnDataManager, fields
 from .._constants import REGISTRY_KEYS
 from .._exceptions import InputDataError
 from ..module._classifier import CellPLMClassifierModule
-from ._cellplm import CellPLM, _check_counts, _check_obs_keys, _check_spatial
+from ._cellplm import CellPLM, _anndata_fields, _check_obs_keys
 
 logger = logging.getLogger(__name__)
 
@@ -103,23 +103,13 @@ class CellPLMAnnotator(CellPLM):
         setup_method_args = cls._get_setup_method_args(**locals())
         if labels_key is None and "source_registry" not in kwargs:
             raise InputDataError("`labels_key` is required to train an annotator.")
-        _check_obs_keys(adata, batch_key=batch_key, sample_key=sample_key)
         if "source_registry" not in kwargs:
             _check_obs_keys(adata, labels_key=labels_key)
         else:
             kwargs.setdefault("allow_missing_labels", True)
-        _check_counts(adata, layer)
-        if spatial_key is not None:
-            _check_spatial(adata, spatial_key)
-        anndata_fields = [
-            fields.LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
-            fields.CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
-            fields.CategoricalObsField(REGISTRY_KEYS.SAMPLE_KEY, sample_key or batch_key),
-            fields.LabelsWithUnlabeledObsField(REGISTRY_KEYS.LABELS_KEY, labels_key,
-                                               unlabeled_category),
-        ]
-        if spatial_key is not None:
-            anndata_fields.append(fields.ObsmField(REGISTRY_KEYS.SPATIAL_KEY, spatial_key))
+        labels = fields.LabelsWithUnlabeledObsField(REGISTRY_KEYS.LABELS_KEY, labels_key,
+                                                    unlabeled_category)
+        anndata_fields = _anndata_fields(adata, layer, batch_key, sample_key, labels, spatial_key)
         manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)

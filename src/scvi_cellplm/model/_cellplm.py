@@ -252,21 +252,10 @@ class CellPLM(BaseModelClass):
                 f"`gene_id_key={gene_id_key!r}` is not a column of adata.var "
                 f"(columns: {list(adata.var.columns)})."
             )
-        _check_obs_keys(adata, batch_key=batch_key, sample_key=sample_key, labels_key=labels_key,
-                        dataset_key=dataset_key)
-        _check_counts(adata, layer)
-        if spatial_key is not None:
-            _check_spatial(adata, spatial_key)
-        anndata_fields = [
-            fields.LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
-            fields.CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
-            fields.CategoricalObsField(REGISTRY_KEYS.SAMPLE_KEY, sample_key or batch_key),
-            fields.CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
-        ]
-        if dataset_key is not None:
-            anndata_fields.append(fields.CategoricalObsField(REGISTRY_KEYS.DATASET_KEY, dataset_key))
-        if spatial_key is not None:
-            anndata_fields.append(fields.ObsmField(REGISTRY_KEYS.SPATIAL_KEY, spatial_key))
+        _check_obs_keys(adata, labels_key=labels_key)
+        labels = fields.CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key)
+        anndata_fields = _anndata_fields(adata, layer, batch_key, sample_key, labels, spatial_key,
+                                         dataset_key)
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
@@ -865,6 +854,32 @@ class CellPLM(BaseModelClass):
         from ..io._official import to_official
 
         to_official(self, prefix)
+
+
+def _anndata_fields(
+    adata: AnnData,
+    layer: str | None,
+    batch_key: str | None,
+    sample_key: str | None,
+    labels_field,
+    spatial_key: str | None = None,
+    dataset_key: str | None = None,
+) -> list:
+    """Validate the inputs and build the registry fields shared by CellPLM models."""
+    _check_obs_keys(adata, batch_key=batch_key, sample_key=sample_key, dataset_key=dataset_key)
+    _check_counts(adata, layer)
+    anndata_fields = [
+        fields.LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+        fields.CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+        fields.CategoricalObsField(REGISTRY_KEYS.SAMPLE_KEY, sample_key or batch_key),
+        labels_field,
+    ]
+    if dataset_key is not None:
+        anndata_fields.append(fields.CategoricalObsField(REGISTRY_KEYS.DATASET_KEY, dataset_key))
+    if spatial_key is not None:
+        _check_spatial(adata, spatial_key)
+        anndata_fields.append(fields.ObsmField(REGISTRY_KEYS.SPATIAL_KEY, spatial_key))
+    return anndata_fields
 
 
 def _looks_like_counts(adata_manager: AnnDataManager, max_rows: int = 20_000) -> bool:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import tempfile
-import zipfile
 
 import numpy as np
 import torch
@@ -14,6 +12,7 @@ from anndata import AnnData, read_h5ad
 from scvi.model.base._save_load import _initialize_model
 
 from .._exceptions import CheckpointError
+from ..io._safe_load import safe_torch_load
 
 MODEL_FILE = "model.pt"
 ADATA_FILE = "adata.h5ad"
@@ -84,17 +83,7 @@ def save_model(model, dir_path: str, prefix, overwrite: bool, save_anndata: bool
 
 def read_model_file(path: str) -> tuple[dict, dict]:
     """State dict and metadata of a saved model, refusing anything but tensors and plain data."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"No saved CellPLM model at {path}.")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"Refusing to load {path}: it holds pickled Python objects other than tensors "
-            f"(loading would execute code). Details: {err}"
-        ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise CheckpointError(f"{path} is truncated or corrupted and cannot be read: {err}") from err
+    payload = safe_torch_load(path, "saved CellPLM model")
     if not isinstance(payload, dict) or "model_state_dict" not in payload or "metadata" not in payload:
         raise CheckpointError(f"{path} is not a scvi-cellplm model file.")
     try:

@@ -9,11 +9,8 @@ import torch
 from scvi.train import TrainingPlan
 
 from .._constants import REGISTRY_KEYS, SENTENCE_KEY
+from ..module._module import _dense
 from ..module.masking import sample_input_mask, sample_kept_cells
-
-
-def _dense(x: torch.Tensor) -> torch.Tensor:
-    return x if x.layout == torch.strided else x.to_dense()
 
 
 class CellPLMTrainingPlan(TrainingPlan):
