@@ -142,9 +142,7 @@ class CellPLMAnnotator(CellPLM):
             Hidden width of the head.
         """
         adata = model.adata if adata is None else adata
-        args = dict(model.adata_manager.registry["setup_args"])
-        for key in ("labels_key", "unlabeled_category"):
-            args.pop(key, None)
+        args = model.adata_manager.registry["setup_args"]
         cls.setup_anndata(adata, labels_key=labels_key, unlabeled_category=unlabeled_category,
                           **{k: args.get(k) for k in ("layer", "batch_key", "sample_key",
                                                       "spatial_key", "gene_id_key")})
