@@ -76,6 +76,10 @@ class CellPLMModule(BaseModuleClass):
         only genes measured by every dataset (so all cells are embedded from the same panel);
         unmeasured genes never enter the loss (they are not zeros) and are what imputation
         predicts.
+    embed_shared_genes
+        With ``dataset_gene_mask``: ``True`` (default) embeds every cell from the genes measured by
+        all datasets; ``False`` embeds each cell from all its genes (its unmeasured genes must be
+        zero), as pretraining on a corpus of datasets with different (even disjoint) panels needs.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class CellPLMModule(BaseModuleClass):
         masked_recon_weight: float = 1.0,
         gene_likelihood: Literal["nb", "gaussian"] = "nb",
         dataset_gene_mask: torch.Tensor | None = None,
+        embed_shared_genes: bool = True,
     ) -> None:
         super().__init__()
         if gene_likelihood not in ("nb", "gaussian"):
@@ -115,6 +120,7 @@ class CellPLMModule(BaseModuleClass):
             if dataset_gene_mask.ndim != 2 or dataset_gene_mask.shape[1] != n_input:
                 raise ValueError("`dataset_gene_mask` must be (n_dataset, n_input).")
         self.register_buffer("dataset_gene_mask", dataset_gene_mask)
+        self.embed_shared_genes = embed_shared_genes
         n_genes = n_input if n_genes is None else n_genes
         if gene_index is not None:
             gene_index = torch.as_tensor(gene_index, dtype=torch.long)
@@ -201,7 +207,7 @@ class CellPLMModule(BaseModuleClass):
                 )
             positional = self.pos_encoder(coords, sentence)
         shared = None
-        if self.dataset_gene_mask is not None:  # read only genes that every dataset measured
+        if self.dataset_gene_mask is not None and self.embed_shared_genes:  # genes all datasets measured
             shared = self.dataset_gene_mask.all(dim=0)
         h = self.embedder(x, self.gene_index, positional, keep=shared)
         return self.encoder(h, sentence)
