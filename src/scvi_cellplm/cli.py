@@ -1,8 +1,9 @@
-"""Command line: ``cellplm demo`` and ``cellplm embed``."""
+"""Command line: ``cellplm demo``, ``cellplm embed`` and ``cellplm pretrain``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -41,6 +42,78 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
+PRETRAIN_FLAGS = {
+    # flag: (pretrain() keyword, type, help)
+    "--preset": ("preset", str, "architecture preset: small | paper"),
+    "--max-steps": ("max_steps", int, "optimiser steps"),
+    "--max-epochs": ("max_epochs", int, "epochs (with --max-steps -1)"),
+    "--max-cells-per-batch": ("max_cells_per_batch", int, "cell budget of a sentence and a mini-batch"),
+    "--lr": ("lr", float, "peak learning rate"),
+    "--layer": ("layer", str, "layer with raw counts (default .X)"),
+    "--gene-id-key": ("gene_id_key", str, "var column with Ensembl ids (default var_names)"),
+    "--batch-key": ("batch_key", str, "obs column of batches (default: one per file)"),
+    "--sample-key": ("sample_key", str, "obs column of samples (sentences; default: batch)"),
+    "--platform-key": ("platform_key", str, "obs column of platforms"),
+    "--accelerator": ("accelerator", str, "cpu | gpu | auto"),
+    "--devices": ("devices", str, "number of devices, or auto"),
+    "--strategy": ("strategy", str, "auto | ddp | ddp_spawn | ..."),
+    "--precision": ("precision", str, "Lightning precision, e.g. 32-true, bf16-mixed"),
+    "--checkpoint-every": ("checkpoint_every", int, "save a checkpoint every N steps"),
+    "--resume-from": ("resume_from", str, "checkpoint to resume from, or 'last'"),
+    "--logger": ("logger_kind", str, "csv | tensorboard | both | none"),
+    "--log-every-n-steps": ("log_every_n_steps", int, "logging interval in steps"),
+    "--num-workers": ("num_workers", int, "DataLoader worker processes"),
+    "--seed": ("seed", int, "seed of weights, windows, shuffle and masks"),
+}
+
+
+def _read_config(path: str) -> dict:
+    """Keyword arguments of :func:`~scvi_cellplm.pretrain.pretrain` from YAML, JSON or TOML."""
+    with open(path, "rb") as fh:
+        if path.endswith(".json"):
+            config = json.load(fh)
+        elif path.endswith(".toml"):
+            import tomllib
+
+            config = tomllib.load(fh)
+        else:
+            import yaml  # PyYAML: a dependency of Lightning
+
+            config = yaml.safe_load(fh)
+    if not isinstance(config, dict):
+        raise SystemExit(f"{path}: the configuration must be a mapping of pretrain() arguments.")
+    return config
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import pretrain
+
+    config = _read_config(args.config) if args.config else {}
+    if "out" in config:
+        config["out_dir"] = config.pop("out")
+    if args.data:
+        config["data"] = args.data
+    if args.out:
+        config["out_dir"] = args.out
+    for flag, (key, _, _) in PRETRAIN_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            config[key] = value
+    if isinstance(config.get("devices"), str) and config["devices"].isdigit():
+        config["devices"] = int(config["devices"])
+    if args.no_progress:
+        config["progress_bar"] = False
+    missing = [k for k in ("data", "out_dir") if not config.get(k)]
+    if missing:
+        raise SystemExit(f"cellplm pretrain needs {' and '.join(missing)} (flags or config).")
+    out_dir = config.pop("out_dir")
+    model = pretrain(config.pop("data"), out_dir, **config)
+    if model.trainer.is_global_zero:
+        Console().print(f"Pretrained for {model.trainer.global_step} steps: model in {out_dir}/model "
+                        f"(CellPLM.load), checkpoints in {out_dir}/checkpoints, logs in {out_dir}/logs.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``cellplm`` argument parser."""
     parser = argparse.ArgumentParser(prog="cellplm", description=__doc__)
@@ -60,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out", required=True, help="output .h5ad")
     embed.add_argument("--key", default="X_cellplm", help="obsm key (default: %(default)s)")
     embed.set_defaults(func=_embed)
+
+    pre = sub.add_parser(
+        "pretrain", help="pretrain on .h5ad files streamed from disk (resumable, multi-device)",
+        description="Pretrain CellPLM on a corpus of .h5ad files. Options come from CONFIG (YAML, "
+        "JSON or TOML: keyword arguments of scvi_cellplm.pretrain.pretrain) and flags, flags winning.",
+    )
+    pre.add_argument("config", nargs="?", help="YAML/JSON/TOML file of pretrain() arguments")
+    pre.add_argument("--data", nargs="+", help=".h5ad files of the corpus")
+    pre.add_argument("--out", help="output folder (model/, checkpoints/, logs/, corpus.json)")
+    for flag, (_, kind, text) in PRETRAIN_FLAGS.items():
+        pre.add_argument(flag, type=kind, default=None, help=text)
+    pre.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    pre.set_defaults(func=_pretrain)
     return parser
 
 
