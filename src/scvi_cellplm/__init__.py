@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from . import data, datasets, evaluation, io, module, spatial, train
+from . import data, datasets, evaluation, io, module, pretrain, spatial, train
 from ._constants import SLOTS
 from ._exceptions import CellPLMError, CheckpointError, GeneAlignmentError, InputDataError
 from ._presets import PAPER, PRESETS, SMALL_CPU
@@ -31,5 +31,6 @@ __all__ = [
     "datasets",
     "io",
     "module",
+    "pretrain",
     "train",
 ]
