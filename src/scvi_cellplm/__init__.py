@@ -8,7 +8,7 @@ from . import data, datasets, evaluation, io, module, pretrain, spatial, train
 from ._constants import SLOTS
 from ._exceptions import CellPLMError, CheckpointError, GeneAlignmentError, InputDataError
 from ._presets import PAPER, PRESETS, SMALL_CPU
-from .model import CellPLM, CellPLMAnnotator
+from .model import CellPLM, CellPLMAnnotator, CellPLMPerturbation
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,7 @@ __all__ = [
     "SMALL_CPU",
     "CellPLM",
     "CellPLMAnnotator",
+    "CellPLMPerturbation",
     "CellPLMError",
     "CheckpointError",
     "GeneAlignmentError",

@@ -31,6 +31,9 @@ class _CELLPLM_MODULE_KEYS(NamedTuple):
     PX_THETA_KEY: str = "px_theta"
     PX_KEY: str = "px"
     LIBRARY_KEY: str = "library"
+    PERTURBATION_KEY: str = "perturbation"
+    PERTURBATION_EMBEDDING_KEY: str = "perturbation_embedding"
+    PREDICTION_KEY: str = "prediction"
 
 
 class _CELLPLM_SLOTS(NamedTuple):
@@ -49,3 +52,7 @@ MODULE_KEYS = _CELLPLM_MODULE_KEYS()
 SLOTS = _CELLPLM_SLOTS()
 SENTENCE_KEY = "sentence"
 """Key of the per-cell sentence id that the sentence loader adds to each mini-batch."""
+PERTURBATION_KEY = "perturbation"
+"""Key of the per-cell multi-hot vector of perturbed genes in perturbation mini-batches."""
+TARGET_KEY = "perturbation_target"
+"""Key of the post-perturbation (log-normalised) expression a perturbation mini-batch is fitted to."""

@@ -654,15 +654,7 @@ class CellPLM(BaseModelClass):
         """
         if max_epochs is None:
             max_epochs = get_max_epochs_heuristic(self.adata.n_obs)
-        manager = self.adata_manager
-        splitter = SentenceDataSplitter(
-            manager,
-            self._sample_codes(manager),
-            max_cells_per_batch or self.max_cells_per_batch,
-            self._windower(manager, max_cells_per_batch),
-            validation_size=validation_size,
-            seed=seed,
-        )
+        splitter = self._data_splitter(max_cells_per_batch, validation_size, seed)
         plan_kwargs = {"lr": lr, **getattr(self, "_default_plan_kwargs", {}), **(plan_kwargs or {})}
         plan = self._training_plan_cls(self.module, **plan_kwargs)
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1 if splitter.n_val else None)
@@ -690,6 +682,18 @@ class CellPLM(BaseModelClass):
             logger.warning("Training interrupted at step %d; the model keeps the weights of "
                            "that step.", runner.trainer.global_step)
             raise KeyboardInterrupt from err
+
+    def _data_splitter(self, max_cells_per_batch: int | None, validation_size: float, seed: int):
+        """The training data module (subclasses with other training data override this)."""
+        manager = self.adata_manager
+        return SentenceDataSplitter(
+            manager,
+            self._sample_codes(manager),
+            max_cells_per_batch or self.max_cells_per_batch,
+            self._windower(manager, max_cells_per_batch),
+            validation_size=validation_size,
+            seed=seed,
+        )
 
     # ------------------------------------------------------------------ convenience
     def embed(self, adata: AnnData | None = None, key_added: str = SLOTS.EMBEDDING) -> None:

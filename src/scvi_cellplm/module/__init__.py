@@ -1,6 +1,7 @@
 """Pure-torch CellPLM network and its parts."""
 
 from ._module import CellPLMModule
+from ._perturbation import CellPLMPerturbationModule
 from .attention import FlowAttention, SoftmaxAttention
 from .decoder import NBDecoder
 from .embedder import GeneEmbedder
@@ -11,6 +12,7 @@ from .positional import PositionalEncoding, normalize_coordinates
 
 __all__ = [
     "CellPLMModule",
+    "CellPLMPerturbationModule",
     "CellEncoder",
     "FlowAttention",
     "GMVAELatent",

@@ -194,8 +194,13 @@ class CellPLMModule(BaseModuleClass):
         sentence: torch.Tensor,
         coords: torch.Tensor | None = None,
         input_mask: torch.Tensor | None = None,
+        token_offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Contextualised cell tokens ``(n_cells, n_hidden)`` (before the latent layer)."""
+        """Contextualised cell tokens ``(n_cells, n_hidden)`` (before the latent layer).
+
+        ``token_offset`` ``(n_cells, n_hidden)`` is added to the cell tokens before attention (e.g.
+        a perturbation embedding, see :class:`~scvi_cellplm.module.CellPLMPerturbationModule`).
+        """
         if input_mask is not None:
             x = _dense(x).masked_fill(input_mask, 0.0)
         positional = None
@@ -210,6 +215,8 @@ class CellPLMModule(BaseModuleClass):
         if self.dataset_gene_mask is not None and self.embed_shared_genes:  # genes all datasets measured
             shared = self.dataset_gene_mask.all(dim=0)
         h = self.embedder(x, self.gene_index, positional, keep=shared)
+        if token_offset is not None:
+            h = h + token_offset
         return self.encoder(h, sentence)
 
     # ---------------------------------------------------------------- scvi-tools API
