@@ -90,3 +90,21 @@ def test_gaussian_likelihood_for_non_count_data_and_nb_refused(small_pancreas):
     pred = model.get_normalized_expression(return_numpy=True)
     assert pred.shape == small_pancreas.shape and np.isfinite(pred).all()
     assert sparse.issparse(small_pancreas.layers["lognorm"])
+
+
+def test_quantile_rescale_puts_spatial_genes_on_the_reference_distribution(panel_and_reference):
+    spatial, reference = panel_and_reference
+    spatial.X = sparse.csr_matrix(spatial.X.toarray() * 3.7 + 0.5)  # another technology's scale
+    joint = joint_anndata(spatial, reference, rescale="quantile")
+    is_sp = (joint.obs[DATASET_COLUMN] == "spatial").to_numpy()
+    gene = joint.var_names.get_loc(spatial.var_names[0])
+    sp_values = joint.X[is_sp][:, gene].toarray().ravel()
+    ref_values = joint.X[~is_sp][:, gene].toarray().ravel()
+    # same distribution as the reference (quantiles), same order as the input (ranks)
+    np.testing.assert_allclose(np.quantile(sp_values, [0.1, 0.5, 0.9]),
+                               np.quantile(ref_values, [0.1, 0.5, 0.9]), atol=0.05)
+    original = spatial.X[:, 0].toarray().ravel()
+    assert (np.diff(sp_values[np.argsort(original, kind="stable")]) >= -1e-7).all()
+    assert spatial.X.max() > 3  # input untouched
+    with pytest.raises(ValueError, match="rescale"):
+        joint_anndata(spatial, reference, rescale="zscore")

@@ -162,3 +162,20 @@ def test_positional_encoding_reaches_the_output(kind):
     torch.testing.assert_close(z, z_scaled, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="coordinates"):
         m.inference(x, s)
+
+
+def test_position_dropout_hides_whole_sentences_in_training_only():
+    from scvi_cellplm.train import CellPLMTrainingPlan
+
+    torch.manual_seed(0)
+    m = CellPLMModule(30, n_hidden=16, n_layers=1, n_heads=2, n_latent=6, positional_encoding="sinusoidal")
+    plan = CellPLMTrainingPlan(m, drop_position_rate=0.5, drop_cell_rate=0.0)
+    sentence = torch.arange(40) // 2  # 20 sentences of 2 cells
+    batch = {"X": _counts(), "sentence": sentence, "spatial": torch.rand(40, 2)}
+    hidden = plan._corrupt(batch, drop_cells=True)[0]["spatial"].isnan().all(dim=1)
+    per_sentence = torch.zeros(20).index_add_(0, sentence, hidden.float())
+    assert set(per_sentence.tolist()) == {0.0, 2.0}  # both cells of a sentence or neither
+    assert 0 < int(per_sentence.bool().sum()) < 20
+    assert not plan._corrupt(batch, drop_cells=False)[0]["spatial"].isnan().any()  # validation
+    with pytest.raises(ValueError, match="drop_position_rate"):
+        CellPLMTrainingPlan(m, drop_position_rate=1.5)

@@ -27,24 +27,39 @@ def joint_anndata(
     spatial_key: str = "spatial",
     sample_key: str | None = None,
     reference_sample_key: str | None = None,
-    rescale: bool = False,
+    rescale: Literal["none", "percentile", "quantile"] | bool = "none",
 ) -> AnnData:
     """Concatenate a spatial panel and a reference over the union of their genes.
 
     Unmeasured genes are zeros, ``obs['_cellplm_dataset']`` says which dataset each cell comes
     from (so the model masks unmeasured genes out of its loss), ``obs['_cellplm_sample']`` gives
     the sentences (spatial samples by ``sample_key``; the reference by ``reference_sample_key``),
-    and reference cells have NaN coordinates. With ``rescale`` (for normalised, non-count values
-    measured on different scales), each gene is divided by its 99th percentile within each
-    dataset. The inputs are not modified.
+    and reference cells have NaN coordinates. The inputs are not modified.
+
+    ``rescale`` is for normalised, non-count values measured on different scales (e.g. in-situ
+    intensities next to log-normalised scRNA-seq): ``"percentile"`` divides each gene by its 99th
+    percentile within each dataset; ``"quantile"`` does that for the reference and then maps each
+    spatial gene the reference also measured onto the reference's distribution of that gene
+    (quantile normalisation), so the two datasets' inputs are comparable and the model embeds them
+    into one latent space. ``"none"`` (counts) keeps the values.
     """
-    def _part(adata, name, key, coords):
+    if rescale is True:
+        rescale = "percentile"
+    if rescale is False:
+        rescale = "none"
+    if rescale not in ("none", "percentile", "quantile"):
+        raise ValueError(f"`rescale` must be 'none', 'percentile' or 'quantile', got {rescale!r}.")
+
+    def _values(adata) -> sparse.csr_matrix:
         x = sparse.csr_matrix(adata.X if layer is None else adata.layers[layer], dtype=np.float32)
-        if rescale:
-            dense = x.toarray()
-            top = np.percentile(dense, 99, axis=0)
-            top = np.where(top > 0, top, dense.max(axis=0))
-            x = sparse.csr_matrix(dense / np.where(top > 0, top, 1.0))
+        return _percentile_scaled(x) if rescale != "none" else x
+
+    ref_x = _values(reference)
+    sp_x = _values(spatial)
+    if rescale == "quantile":
+        sp_x = _quantile_matched(sp_x, spatial.var_names, ref_x, reference.var_names)
+
+    def _part(adata, x, name, key, coords):
         part = AnnData(x, obs=pd.DataFrame(index=adata.obs_names),
                        var=pd.DataFrame(index=adata.var_names))
         part.obs[DATASET_COLUMN] = name
@@ -55,14 +70,36 @@ def joint_anndata(
         return part
 
     coords = np.asarray(spatial.obsm[spatial_key], dtype=np.float64)
-    sp = _part(spatial, "spatial", sample_key, coords)
-    ref = _part(reference, "reference", reference_sample_key,
+    sp = _part(spatial, sp_x, "spatial", sample_key, coords)
+    ref = _part(reference, ref_x, "reference", reference_sample_key,
                 np.full((reference.n_obs, coords.shape[1]), np.nan))
     joint = ad.concat([sp, ref], join="outer", fill_value=0, index_unique="-", keys=["spatial", "reference"])
     joint.obs[DATASET_COLUMN] = pd.Categorical(joint.obs[DATASET_COLUMN])
     joint.obs[SAMPLE_COLUMN] = pd.Categorical(joint.obs[SAMPLE_COLUMN])
     joint.X = sparse.csr_matrix(joint.X)
     return joint
+
+
+def _percentile_scaled(x: sparse.csr_matrix) -> sparse.csr_matrix:
+    """Each gene divided by its 99th percentile (its maximum when that is 0)."""
+    dense = x.toarray()
+    top = np.percentile(dense, 99, axis=0)
+    top = np.where(top > 0, top, dense.max(axis=0))
+    return sparse.csr_matrix(dense / np.where(top > 0, top, 1.0))
+
+
+def _quantile_matched(x: sparse.csr_matrix, genes, ref: sparse.csr_matrix, ref_genes) -> sparse.csr_matrix:
+    """Map each column of ``x`` onto the distribution of the same gene in ``ref`` (by rank)."""
+    from scipy.stats import rankdata
+
+    dense = x.toarray()
+    ref_pos = pd.Index(ref_genes).get_indexer(genes)
+    n = dense.shape[0]
+    for j in np.flatnonzero(ref_pos >= 0):
+        target = np.sort(ref[:, ref_pos[j]].toarray().ravel())
+        quantile = (rankdata(dense[:, j]) - 0.5) / n  # ties share their mean rank
+        dense[:, j] = np.interp(quantile, (np.arange(len(target)) + 0.5) / len(target), target)
+    return sparse.csr_matrix(dense)
 
 
 def impute_genes(
@@ -107,13 +144,17 @@ def impute_genes(
     key_added
         Also store the result in ``spatial.obsm[key_added]`` (``None``: do not).
     model_kwargs, train_kwargs
-        Passed to :class:`~scvi_cellplm.CellPLM` and its ``train``.
+        Passed to :class:`~scvi_cellplm.CellPLM` and its ``train``, over the defaults measured
+        in ``benchmarks/spatial_imputation.py``: a plain VAE latent, sentences of at most 500
+        cells, KL weight 0.01 and, with a positional encoding, coordinates hidden from half of
+        the training sentences (``drop_position_rate=0.5``) so spatial and reference cells share
+        one latent space.
 
     Returns
     -------
     The imputed values (DataFrame: spatial cells x genes) and the trained model. For the
-    Gaussian likelihood, values are in units of each gene's 99th percentile in the spatial data
-    (rank- and correlation-preserving).
+    Gaussian likelihood, values are on the reference's scale (each gene in units of its 99th
+    percentile in the reference), since the spatial values are quantile-matched to it.
     """
     from ..model import CellPLM
 
@@ -124,15 +165,22 @@ def impute_genes(
         raise ValueError(f"Genes in neither dataset: {missing[:5]}.")
     joint = joint_anndata(spatial, reference, layer=layer, spatial_key=spatial_key,
                           sample_key=sample_key, reference_sample_key=reference_sample_key,
-                          rescale=gene_likelihood == "gaussian")
+                          rescale="quantile" if gene_likelihood == "gaussian" else "none")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*NaN/inf coordinates.*")
         warnings.filterwarnings("ignore", message=".*non-integer values.*")
         CellPLM.setup_anndata(joint, sample_key=SAMPLE_COLUMN, dataset_key=DATASET_COLUMN,
                               spatial_key=spatial_key)
+    model_kwargs = {"latent_distribution": "vae", "max_cells_per_batch": 500, **(model_kwargs or {})}
     model = CellPLM(joint, gene_likelihood=gene_likelihood, positional_encoding=positional_encoding,
-                    **(model_kwargs or {}))
-    model.train(max_epochs=max_epochs, **{"enable_progress_bar": False, **(train_kwargs or {})})
+                    **model_kwargs)
+    train_kwargs = {"enable_progress_bar": False, **(train_kwargs or {})}
+    train_kwargs["plan_kwargs"] = {
+        "max_kl_weight": 0.01,
+        "drop_position_rate": 0.0 if positional_encoding == "none" else 0.5,
+        **train_kwargs.get("plan_kwargs", {}),
+    }
+    model.train(max_epochs=max_epochs, **train_kwargs)
     is_spatial = np.flatnonzero(joint.obs[DATASET_COLUMN].to_numpy() == "spatial")
     # decode as the reference: the dataset whose decoder learned the genes the panel lacks
     result = model.impute(joint, genes=list(genes), indices=is_spatial, transform_dataset="reference")

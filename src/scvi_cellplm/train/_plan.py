@@ -37,6 +37,10 @@ class CellPLMTrainingPlan(TrainingPlan):
         Masking of the input (see :func:`~scvi_cellplm.module.sample_input_mask`).
     drop_cell_rate
         Fraction of each sentence's cells dropped in training steps.
+    drop_position_rate
+        Probability that a training sentence's coordinates are hidden (the cells then get the
+        "no position" encoding). Use it when spatial cells are trained with dissociated cells
+        (imputation), so both kinds of cell are encoded into one latent space.
     n_epochs_kl_warmup, n_steps_kl_warmup
         KL warm-up, as in :class:`scvi.train.TrainingPlan`.
     **kwargs
@@ -55,6 +59,7 @@ class CellPLMTrainingPlan(TrainingPlan):
         mask_gene_rate: float = 0.25,
         mask_beta: bool = True,
         drop_cell_rate: float = 0.1,
+        drop_position_rate: float = 0.0,
         n_epochs_kl_warmup: int | None = None,
         n_steps_kl_warmup: int | None = 200,
         optimizer: Literal["AdamW"] = "AdamW",
@@ -72,6 +77,8 @@ class CellPLMTrainingPlan(TrainingPlan):
         for name, rate in (("mask_cell_rate", mask_cell_rate), ("mask_gene_rate", mask_gene_rate)):
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1), got {rate}.")
+        if not 0.0 <= drop_position_rate <= 1.0:
+            raise ValueError(f"`drop_position_rate` must be in [0, 1], got {drop_position_rate}.")
         if not 0.0 <= drop_cell_rate < 1.0:
             raise ValueError(f"`drop_cell_rate` must be in [0, 1), got {drop_cell_rate}.")
         self.n_steps_lr_warmup = n_steps_lr_warmup
@@ -80,6 +87,7 @@ class CellPLMTrainingPlan(TrainingPlan):
         self.mask_gene_rate = mask_gene_rate
         self.mask_beta = mask_beta
         self.drop_cell_rate = drop_cell_rate
+        self.drop_position_rate = drop_position_rate
         self.loss_kwargs.setdefault("kl_weight", 1.0)
 
     # ------------------------------------------------------------ corruption
@@ -91,6 +99,11 @@ class CellPLMTrainingPlan(TrainingPlan):
             keep = sample_kept_cells(sentence, drop_cell_rate=self.drop_cell_rate)
             batch = {k: v[keep] if torch.is_tensor(v) and v.ndim else v for k, v in batch.items()}
             sentence = batch[SENTENCE_KEY].view(-1).long()
+        coords = batch.get(REGISTRY_KEYS.SPATIAL_KEY)
+        if drop_cells and self.drop_position_rate > 0 and coords is not None:
+            n_sentences = int(sentence.max()) + 1 if sentence.numel() else 0
+            hide = torch.rand(n_sentences, device=sentence.device) < self.drop_position_rate
+            batch[REGISTRY_KEYS.SPATIAL_KEY] = coords.masked_fill(hide[sentence].view(-1, 1), float("nan"))
         if self.mask_cell_rate == 0 or self.mask_gene_rate == 0:
             return batch, None
         mask = sample_input_mask(
