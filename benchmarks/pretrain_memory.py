@@ -1,8 +1,8 @@
 """Pretraining memory and throughput on on-disk corpora of 10k, 100k and 1M cells.
 
 Each corpus is built by resampling real cells of ``../shared/data`` (human pancreas, human PBMC,
-mouse brain: three different gene panels) into several uncompressed CSR ``.h5ad`` files of at most
-50,000 cells, written chunk by chunk (building the 1M corpus never holds more than one chunk of
+mouse brain: three different gene panels) into at least three uncompressed CSR ``.h5ad`` files of
+at most 50,000 cells, written chunk by chunk (building the 1M corpus never holds more than one chunk of
 cells in memory). Cells come in samples of 2,000 (the sentences are windows of at most
 ``--max-cells`` cells of a sample). For each corpus, a fresh subprocess indexes it with
 :class:`~scvi_cellplm.pretrain.Corpus` and runs ``--steps`` pretraining steps of the small CPU
@@ -76,19 +76,19 @@ def build_corpus(directory: Path, n_cells: int) -> list[str]:
     import anndata as ad
 
     directory.mkdir(parents=True, exist_ok=True)
-    n_files = max(2, -(-n_cells // CELLS_PER_FILE))
+    n_files = max(len(SOURCES), -(-n_cells // CELLS_PER_FILE))  # every corpus has all three panels
     sizes = np.full(n_files, n_cells // n_files)
     sizes[: n_cells % n_files] += 1
     paths = [directory / f"part{i:03d}.h5ad" for i in range(n_files)]
     done = directory / "done.json"
-    if done.exists() and json.loads(done.read_text()) == {"n_cells": n_cells}:
+    if done.exists() and json.loads(done.read_text()) == {"n_cells": n_cells, "n_files": n_files}:
         return [str(p) for p in paths]
     sources = [ad.read_h5ad(SHARED / name) for name in SOURCES]
     offset = 0
     for i, (path, size) in enumerate(zip(paths, sizes)):
         write_file(path, sources[i % len(sources)], int(size), seed=i, sample_offset=offset)
         offset += -(-int(size) // CELLS_PER_SAMPLE)
-    done.write_text(json.dumps({"n_cells": n_cells}))
+    done.write_text(json.dumps({"n_cells": n_cells, "n_files": n_files}))
     return [str(p) for p in paths]
 
 

@@ -112,6 +112,13 @@ def test_corpus_accepts_anndata_mudata_and_backed(corpus_files):
     np.testing.assert_array_equal(corpus.gene_mask, reference.gene_mask)
     d, rows = corpus.sentence(corpus.n_sentences - 1)
     assert (corpus.read(d, rows) != reference.read(d, rows)).nnz == 0
+    from anndata.experimental import AnnCollection
+
+    # an AnnCollection contributes each of its AnnData with its full panel (not the joined genes)
+    human = {k: corpus_files[k] for k in ("baron", "pbmc")}
+    collection = AnnCollection([ad.read_h5ad(v) for v in human.values()], join_vars="inner")
+    from_collection = Corpus(collection, 64, gene_id_key="gene_ids")
+    np.testing.assert_array_equal(from_collection.gene_mask, _corpus(human).gene_mask)
 
 
 # ---------------------------------------------------------------- sampler
@@ -295,3 +302,22 @@ def test_loader_batches_are_what_the_plan_consumes(corpus_files):
         assert batch[key].shape == (n, 1)
     assert batch["sentence"].unique().tolist() == [0, 1]
     assert batch[INDICES_KEY].shape == (n,)
+
+
+@pytest.mark.slow
+def test_cli_pretrain_ddp_script_launcher(corpus_files, tmp_path):
+    """`cellplm pretrain --strategy ddp --devices 2` (Lightning re-launches the command per rank)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "scvi_cellplm.cli", "pretrain", "--data", *corpus_files.values(),
+           "--out", str(out), "--gene-id-key", "gene_ids", "--batch-key", "batch", "--max-steps", "3",
+           "--max-cells-per-batch", "64", "--checkpoint-every", "3", "--accelerator", "cpu",
+           "--devices", "2", "--strategy", "ddp", "--preset", "small", "--no-progress"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    state = last["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert state["num_replicas"] == 2 and state["consumed"] == 3
+    assert CellPLM.load(str(out / "model")).is_trained_

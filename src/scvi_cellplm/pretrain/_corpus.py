@@ -122,7 +122,8 @@ class Corpus:
     data
         ``.h5ad`` paths (read backed, lazily), AnnData objects (in memory or backed), a
         :class:`~mudata.MuData` (its ``modality``), an :class:`~anndata.experimental.AnnCollection`
-        (each of its AnnData), or a list mixing them. Every entry is one dataset.
+        (each of its AnnData, with its own full gene panel), or a list mixing them. Every entry is one
+        dataset.
     max_cells
         Cell budget of a sentence (use the training mini-batch budget).
     layer
@@ -220,11 +221,11 @@ class Corpus:
 
         # categories registered across the corpus
         self.batch_categories, batch_codes = _categories(
-            [m["batch"] if m["batch"] is not None else np.zeros(m["n_obs"], dtype=object) for m in metas],
+            [m["batch"] if m["batch"] is not None else _constant(m["n_obs"], "0") for m in metas],
             names, qualify=True,
         )
         self.platform_categories, platform_codes = _categories(
-            [m["platform"] if m["platform"] is not None else np.full(m["n_obs"], "unknown", dtype=object)
+            [m["platform"] if m["platform"] is not None else _constant(m["n_obs"], "unknown")
              for m in metas],
             names, qualify=False,
         )
@@ -234,8 +235,7 @@ class Corpus:
         # sentences: (dataset, sorted rows), kept as flat arrays
         sent_dataset, sent_rows = [], []
         for d, meta in enumerate(metas):
-            samples = meta["sample"] if meta["sample"] is not None else np.zeros(meta["n_obs"], dtype=np.int64)
-            codes = pd.factorize(pd.Series(samples).astype(str), sort=True)[0]
+            codes = (meta["sample"] or _constant(meta["n_obs"], "0"))[0]
             order = np.argsort(codes, kind="stable")
             bounds = np.flatnonzero(np.diff(codes[order])) + 1
             for s, members in enumerate(np.split(order, bounds)):
@@ -401,7 +401,7 @@ def _read_meta(entry, layer, gene_id_key, batch_key, sample_key, platform_key) -
         for name, key in keys.items():
             if key is not None and key not in obs:
                 raise InputDataError(f"`{name}_key={key!r}` is not a column of obs ({list(obs.columns)}).")
-            columns[name] = None if key is None else obs[key].to_numpy()
+            columns[name] = None if key is None else _factorize(obs[key])
     else:
         import h5py
         from anndata.io import read_elem
@@ -419,12 +419,12 @@ def _read_meta(entry, layer, gene_id_key, batch_key, sample_key, platform_key) -
                     raise InputDataError(
                         f"{entry}: `{name}_key={key!r}` is not a column of obs ({list(obs_group)})."
                     )
-                columns[name] = None if key is None else np.asarray(read_elem(obs_group[key]))
+                columns[name] = None if key is None else _factorize(read_elem(obs_group[key]))
     if gene_id_key is not None and gene_id_key not in var:
         raise InputDataError(f"`gene_id_key={gene_id_key!r}` is not a column of var ({list(var.columns)}).")
     gene_ids = var.index if gene_id_key is None else var[gene_id_key]
     for name, col in columns.items():
-        if col is not None and pd.isna(pd.Series(col)).any():
+        if col is not None and (col[0] < 0).any():
             raise InputDataError(f"The {name} column has missing values; fill them first.")
     return {"n_obs": n_obs, "gene_ids": [str(g) for g in gene_ids], **columns}
 
@@ -439,11 +439,19 @@ def _ensembl_ids(gene_ids: list[str], species: Species) -> list[str]:
     return out
 
 
-def _categories(columns: list[np.ndarray], names: list[str], qualify: bool) -> tuple[list[str], list]:
+def _factorize(column) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes (-1 for missing) and the values they stand for, without per-cell strings."""
+    codes, uniques = pd.factorize(column, sort=True)
+    return codes.astype(np.int32, copy=False), np.asarray(uniques).astype(str)
+
+
+def _constant(n_obs: int, value: str) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(n_obs, dtype=np.int32), np.array([value])
+
+
+def _categories(columns: list[tuple], names: list[str], qualify: bool) -> tuple[list[str], list]:
     """Global categories (``dataset/value`` when ``qualify``) and each dataset's codes."""
-    factorized = [pd.factorize(pd.Series(col).astype(str)) for col in columns]
-    labels = [[f"{name}/{u}" if qualify else str(u) for u in uniques]
-              for name, (_, uniques) in zip(names, factorized)]
+    labels = [[f"{name}/{u}" if qualify else str(u) for u in uniques] for name, (_, uniques) in zip(names, columns)]
     categories = sorted({label for group in labels for label in group})
     lookup = pd.Index(categories)
-    return categories, [lookup.get_indexer(group)[codes] for group, (codes, _) in zip(labels, factorized)]
+    return categories, [lookup.get_indexer(group)[codes] for group, (codes, _) in zip(labels, columns)]
