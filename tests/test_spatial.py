@@ -96,3 +96,29 @@ def test_3d_coordinates_are_accepted():
     model = CellPLM(adata, positional_encoding="learned", **TINY)
     assert model.module.pos_encoder.n_dims == 3
     assert np.isfinite(model.get_latent_representation()).all()
+
+
+def test_bundled_merfish_squidpy_workflow():
+    """The issue's user story on the bundled MERFISH: windows, embeddings, squidpy analyses."""
+    import scanpy as sc
+    import squidpy as sq
+
+    import scvi_cellplm
+
+    adata = scvi_cellplm.datasets.merfish_u2os_demo()
+    assert adata.obsm["spatial"].shape == (1368, 2) and set(adata.obs["batch"]) == {"B1", "B2", "B3"}
+    sq.gr.spatial_neighbors_knn(adata, n_neighs=6, library_key="batch")
+    CellPLM.setup_anndata(adata, layer="counts", sample_key="batch", spatial_key="spatial")
+    model = CellPLM(adata, positional_encoding="sinusoidal", max_cells_per_batch=250, **TINY)
+    sentences = model.sentences()
+    assert max(map(len, sentences)) <= 250
+    assert sorted(np.concatenate(sentences).tolist()) == list(range(adata.n_obs))
+    batches = adata.obs["batch"].to_numpy()
+    assert all(len(set(batches[s])) == 1 for s in sentences)  # windows never mix samples
+    model.train(max_epochs=1, enable_progress_bar=False)
+    model.embed(adata)
+    sc.pp.neighbors(adata, use_rep="X_cellplm")
+    sc.tl.leiden(adata, key_added="cellplm_leiden", flavor="igraph", n_iterations=2, directed=False)
+    sq.gr.nhood_enrichment(adata, cluster_key="cellplm_leiden", n_perms=20, seed=0, show_progress_bar=False)
+    n_clusters = adata.obs["cellplm_leiden"].nunique()
+    assert adata.uns["cellplm_leiden_nhood_enrichment"]["zscore"].shape == (n_clusters, n_clusters)
