@@ -333,7 +333,8 @@ class CellPLM(BaseModelClass):
         """How oversized samples are cut into windows of at most ``max_cells`` cells.
 
         Samples with coordinates: spectral bisection of squidpy's spatial graph (reusing
-        ``obsp['spatial_connectivities']``); others: bisection of an expression PCA.
+        ``obsp['spatial_connectivities']``); others: bisection of an expression PCA, fitted on a
+        random subsample and projected chunk by chunk (bounded memory, also for backed data).
         """
         max_cells = max_cells or self.max_cells_per_batch
         coords = None
@@ -358,9 +359,9 @@ class CellPLM(BaseModelClass):
 
                 sub = graph()[members][:, members]
                 return graph_windows(sub, max_cells, coords[members])
-            x = adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)[np.sort(members)]
+            x = adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
             order = np.argsort(np.argsort(members))
-            return bisect_windows(_expression_pca(x)[order], max_cells)
+            return bisect_windows(_expression_features(x, np.sort(members))[order], max_cells)
 
         return windower
 
@@ -376,7 +377,9 @@ class CellPLM(BaseModelClass):
         ``max_cells_per_batch`` cells; every cell is in exactly one.
         """
         adata = self._validate_anndata(adata)
-        manager = self.get_anndata_manager(adata, required=True)
+        return self._sentences(self.get_anndata_manager(adata, required=True), indices)
+
+    def _sentences(self, manager: AnnDataManager, indices=None) -> list[np.ndarray]:
         return make_sentences(
             self._sample_codes(manager),
             self.max_cells_per_batch,
@@ -384,15 +387,17 @@ class CellPLM(BaseModelClass):
             indices=None if indices is None else np.asarray(indices),
         )
 
-    def _inference_batches(self, adata, indices, max_cells: int | None):
+    def _inference_batches(self, adata, indices, max_cells: int | None, validate: bool = True):
         """Yield ``(obs_indices, tensors)`` over whole sentences, module in eval mode.
 
         With ``indices``, the samples they belong to are processed whole (a cell's output
-        depends on its full sentence), and callers keep the rows they asked for.
+        depends on its full sentence), and callers keep the rows they asked for. Callers that
+        validated ``adata`` already pass ``validate=False`` (validation runs once per call).
         """
-        adata = self._validate_anndata(adata)
+        if validate:
+            adata = self._validate_anndata(adata)
         manager = self.get_anndata_manager(adata, required=True)
-        sentences = self.sentences(adata)
+        sentences = self._sentences(manager)
         if indices is not None:
             wanted = np.zeros(adata.n_obs, dtype=bool)
             wanted[np.asarray(indices)] = True
@@ -442,12 +447,19 @@ class CellPLM(BaseModelClass):
         batch_size: int | None = None,
         return_cluster_probs: bool = False,
         precision: Literal["32", "bf16"] = "32",
+        out=None,
     ) -> np.ndarray:
         """Cell embeddings ``(n_cells, n_latent)`` in the order of ``indices`` (default: all).
 
         Cells are processed sentence by sentence, so a cell's embedding depends only on its
         sentence and the weights, never on ``batch_size`` or on the other samples. With
         ``give_mean`` (default) the result is deterministic.
+
+        Works on backed AnnData (``anndata.read_h5ad(path, backed="r")``) with memory bounded by
+        the sentence size: cells are read from disk one mini-batch at a time, and large samples
+        are windowed from a subsample-fitted PCA projected chunk by chunk. With ``out``, each
+        mini-batch's rows are written as soon as they are computed, so no ``(n_cells, n_latent)``
+        array is held in memory (see :meth:`embed` for writing into a backed file's ``obsm``).
 
         Parameters
         ----------
@@ -465,18 +477,23 @@ class CellPLM(BaseModelClass):
         precision
             ``"32"`` (exact) or ``"bf16"`` (autocast to bfloat16: faster on CPUs and GPUs with
             bf16 units; cosine similarity to fp32 embeddings is reported in the benchmark).
+        out
+            Array-like of shape ``(n_cells, n_latent)`` (``n_clusters`` columns with
+            ``return_cluster_probs``) to write into, mini-batch by mini-batch in increasing row
+            order: an :class:`h5py.Dataset`, a zarr array or a :class:`numpy.memmap`. Returned.
 
         Returns
         -------
-        Array for ``adata.obsm["X_cellplm"]``.
+        Array for ``adata.obsm["X_cellplm"]`` (``out`` when given).
         """
         adata = self._validate_anndata(adata)
         pos = self._positions(indices, adata.n_obs)
         n_out = adata.n_obs if indices is None else len(indices)
-        out = None
         if precision not in ("32", "bf16"):
             raise ValueError(f"`precision` must be '32' or 'bf16', got {precision!r}.")
-        for obs, tensors in self._inference_batches(adata, indices, batch_size):
+        if out is not None and (len(out.shape) != 2 or out.shape[0] != n_out):
+            raise ValueError(f"`out` must have shape ({n_out}, n_latent), got {tuple(out.shape)}.")
+        for obs, tensors in self._inference_batches(adata, indices, batch_size, validate=False):
             inputs = self.module._get_inference_input(tensors)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 res = self.module.inference(**inputs, sample=not give_mean)
@@ -489,8 +506,10 @@ class CellPLM(BaseModelClass):
             values = values.float().cpu().numpy()
             if out is None:
                 out = np.zeros((n_out, values.shape[1]), dtype=np.float32)
-            keep = pos[obs] >= 0
-            out[pos[obs][keep]] = values[keep]
+            rows, keep = pos[obs], pos[obs] >= 0
+            rows, values = rows[keep], values[keep]
+            order = np.argsort(rows, kind="stable")  # on-disk arrays want increasing rows
+            out[rows[order]] = values[order]
         if out is None:
             out = np.zeros((0, self.module.n_latent), dtype=np.float32)
         return out
@@ -555,7 +574,7 @@ class CellPLM(BaseModelClass):
             if transform_dataset not in mapping:
                 raise ValueError(f"`transform_dataset` must be one of {mapping}, got {transform_dataset!r}.")
             dataset_code = mapping.index(transform_dataset)
-        for obs, tensors in self._inference_batches(adata, indices, batch_size):
+        for obs, tensors in self._inference_batches(adata, indices, batch_size, validate=False):
             inputs = self.module._get_inference_input(tensors)
             res = self.module.inference(**inputs)
             acc = 0.0
@@ -696,10 +715,48 @@ class CellPLM(BaseModelClass):
         )
 
     # ------------------------------------------------------------------ convenience
-    def embed(self, adata: AnnData | None = None, key_added: str = SLOTS.EMBEDDING) -> None:
-        """Write the embedding to ``adata.obsm[key_added]`` (default ``"X_cellplm"``)."""
+    def embed(
+        self,
+        adata: AnnData | None = None,
+        key_added: str = SLOTS.EMBEDDING,
+        **kwargs,
+    ) -> None:
+        """Write the embedding to ``adata.obsm[key_added]`` (default ``"X_cellplm"``).
+
+        For a backed AnnData opened for writing (``anndata.read_h5ad(path, backed="r+")``), the
+        embedding is streamed into the file's ``obsm/{key_added}`` mini-batch by mini-batch (an
+        existing entry is replaced), so memory stays bounded by the sentence size whatever the
+        number of cells; ``anndata.read_h5ad(path)`` reads it back as ``.obsm[key_added]``.
+        ``**kwargs`` go to :meth:`get_latent_representation` (e.g. ``precision="bf16"``).
+
+        Examples
+        --------
+        >>> adata = anndata.read_h5ad("atlas.h5ad", backed="r+")
+        >>> CellPLM.setup_anndata(adata, batch_key="sample")
+        >>> model = CellPLM.from_official("ckpt/20231027_85M", adata)
+        >>> model.embed(adata)  # writes atlas.h5ad:/obsm/X_cellplm chunk by chunk
+        """
         adata = self._validate_anndata(adata)
-        adata.obsm[key_added] = self.get_latent_representation(adata)
+        if not adata.isbacked:
+            adata.obsm[key_added] = self.get_latent_representation(adata, **kwargs)
+            return
+        if adata.file._filemode not in ("r+", "a"):
+            raise InputDataError(
+                "Streaming the embedding into a backed file needs it open for writing: "
+                "`anndata.read_h5ad(path, backed='r+')`; or pass `out=` (an h5py/zarr array) "
+                "to `get_latent_representation`."
+            )
+        n_cols = self.module.n_latent
+        if kwargs.get("return_cluster_probs"):
+            n_cols = self.module.latent.n_clusters
+        group = adata.file["obsm"]
+        if key_added in group:
+            del group[key_added]
+        dataset = group.create_dataset(key_added, (adata.n_obs, n_cols), dtype=np.float32,
+                                       chunks=(min(adata.n_obs, 4096), n_cols))
+        dataset.attrs["encoding-type"], dataset.attrs["encoding-version"] = "array", "0.2.0"
+        self.get_latent_representation(adata, out=dataset, **kwargs)
+        adata.file._file.flush()
 
     def denoise(
         self,
@@ -890,6 +947,20 @@ def _looks_like_counts(adata_manager: AnnDataManager, max_rows: int = 20_000) ->
     x = adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
     x = x[: min(max_rows, x.shape[0])]
     values = x.data if sparse.issparse(x) else np.asarray(x)
+    return all(_is_integral(v) for v in _value_chunks(values))
+
+
+VALUE_CHUNK = 1 << 20
+"""Values checked at a time by the input checks (bounded float64 temporaries)."""
+
+
+def _value_chunks(values: np.ndarray):
+    values = values.reshape(-1)
+    for start in range(0, len(values), VALUE_CHUNK):
+        yield values[start : start + VALUE_CHUNK].astype(np.float64, copy=False)
+
+
+def _is_integral(values: np.ndarray) -> bool:
     return bool(np.allclose(values, np.round(values)))
 
 
@@ -905,15 +976,50 @@ def _measured_genes(adata_manager: AnnDataManager) -> np.ndarray:
     return mask
 
 
-def _expression_pca(x, n_components: int = 10) -> np.ndarray:
-    """Truncated SVD of log1p counts: the space large non-spatial samples are windowed in."""
+WINDOW_PCA_CELLS = 20_000
+"""Cells (a random subsample of a large sample) the windowing PCA is fitted on."""
+READ_CHUNK_CELLS = 10_000
+"""Rows read from the count matrix at a time while windowing."""
+
+
+def _read_log1p(x, rows: np.ndarray) -> sparse.csr_matrix:
+    """``log1p`` of the sorted ``rows`` of ``x`` (in memory or backed) as float32 CSR."""
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):  # contiguous: a slice reads fastest
+        block = x[int(rows[0]) : int(rows[-1]) + 1]
+    else:
+        block = x[rows]
+    return sparse.csr_matrix(block, dtype=np.float32).log1p()
+
+
+def _expression_features(
+    x, rows: np.ndarray, n_components: int = 10, n_fit: int = WINDOW_PCA_CELLS,
+    chunk: int = READ_CHUNK_CELLS,
+) -> np.ndarray:
+    """Truncated SVD of log1p counts of the sorted ``rows`` of ``x``: the space large
+    non-spatial samples are windowed in.
+
+    Fitted on at most ``n_fit`` rows (a seeded random subsample) and projected ``chunk`` rows at
+    a time, so memory is bounded for any number of cells and for backed data; the result is
+    the same whether ``x`` is in memory or on disk.
+    """
     from sklearn.decomposition import TruncatedSVD
 
-    x = sparse.csr_matrix(x, dtype=np.float32).log1p()
-    n_comp = min(n_components, x.shape[1] - 1, x.shape[0] - 1)
+    rows = np.asarray(rows)
+    fit_rows = rows
+    if len(rows) > n_fit:
+        fit_rows = np.sort(np.random.default_rng(0).choice(rows, n_fit, replace=False))
+    sample = sparse.vstack([_read_log1p(x, fit_rows[i : i + chunk])
+                            for i in range(0, len(fit_rows), chunk)], format="csr")
+    n_comp = min(n_components, x.shape[1] - 1, len(fit_rows) - 1)
     if n_comp < 1:
-        return x.toarray()
-    return TruncatedSVD(n_components=n_comp, random_state=0).fit_transform(x)
+        return np.vstack([_read_log1p(x, rows[i : i + chunk]).toarray()
+                          for i in range(0, len(rows), chunk)])
+    svd = TruncatedSVD(n_components=n_comp, random_state=0).fit(sample)
+    del sample
+    features = np.empty((len(rows), n_comp), dtype=np.float32)
+    for start in range(0, len(rows), chunk):
+        features[start : start + chunk] = svd.transform(_read_log1p(x, rows[start : start + chunk]))
+    return features
 
 
 def _check_obs_keys(adata: AnnData, **keys: str | None) -> None:
@@ -954,19 +1060,23 @@ def _check_counts(adata: AnnData, layer: str | None, max_rows: int = 20_000) -> 
     values = x.data if sparse.issparse(x) else np.asarray(x)
     if not np.issubdtype(values.dtype, np.number) or values.dtype == np.bool_:
         raise InputDataError(f"{where} has dtype {values.dtype}; raw counts (numbers) are needed.")
-    values = values.astype(np.float64, copy=False).ravel()
-    bad = ~np.isfinite(values)
-    if bad.any():
+    n_bad, minimum, integral = 0, np.inf, True
+    for chunk in _value_chunks(values):  # chunked: no float64 copy of the whole matrix
+        n_bad += int((~np.isfinite(chunk)).sum())
+        if not n_bad and len(chunk):
+            minimum = min(minimum, float(chunk.min()))
+            integral = integral and _is_integral(chunk)
+    if n_bad:
         raise InputDataError(
-            f"{where} contains {int(bad.sum())} NaN/inf values; CellPLM needs finite raw counts. "
+            f"{where} contains {n_bad} NaN/inf values; CellPLM needs finite raw counts. "
             "Fix or drop those cells/genes (e.g. `adata = adata[np.isfinite(...)]`) first."
         )
-    if (values < 0).any():
+    if minimum < 0:
         raise InputDataError(
-            f"{where} contains negative values ({values.min():.3g}): it looks scaled or "
+            f"{where} contains negative values ({minimum:.3g}): it looks scaled or "
             "centred, not raw counts. Pass the raw counts with `layer='counts'`."
         )
-    if not np.allclose(values, np.round(values)):
+    if not integral:
         warnings.warn(
             f"{where} holds non-integer values: it looks normalised or log-transformed. "
             "CellPLM's negative-binomial model expects raw counts: pass them with `layer=...`.",

@@ -348,8 +348,15 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
 
 
 def _row_sum(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    x = _dense(x)
-    return (x if keep is None else x[:, keep]).sum(dim=1)
+    """Per-cell sum over the ``keep`` columns, without densifying sparse ``x``."""
+    if x.layout == torch.strided:
+        return (x if keep is None else x[:, keep]).sum(dim=1)
+    x = x if x.layout == torch.sparse_csr else x.to_sparse_csr()
+    crow, col, values = x.crow_indices(), x.col_indices(), x.values()
+    if keep is not None:
+        values = values * keep[col].to(values.dtype)
+    rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), crow.diff())
+    return values.new_zeros(x.shape[0]).index_add_(0, rows, values)
 
 
 def _nb_nll(

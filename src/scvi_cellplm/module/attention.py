@@ -39,34 +39,103 @@ class _Projections(nn.Module):
 class FlowAttention(_Projections):
     """Flow-Attention (Wu et al., 2022), the linear-cost attention of CellPLM.
 
-    Identical to the official non-causal ``Flow_Attention`` on a single unpadded sentence; here
-    several sentences are processed at once with padding masked out of every flow sum.
+    Identical (to float rounding) to the official non-causal ``Flow_Attention`` on a single
+    unpadded sentence; here several sentences are processed at once with padding masked out of
+    every flow sum. Tokens stay in the ``(batch, length, hidden)`` layout throughout: per-head dot
+    products with a per-sentence vector are matrix products with a block-diagonal
+    ``(hidden, heads)`` matrix, so no head-major copies or ``q + eps`` temporaries are made.
     """
 
     eps = 1e-6
 
+    def _head_sums(self, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``(b, hidden)`` per-head sums over the sentence ``sum_l t[l, h, :] * w[l, h]``;
+        ``t`` ``(b, l, hidden)``, ``w`` ``(b, l, heads)``."""
+        full = t.transpose(1, 2) @ w  # (b, hidden, heads); only the diagonal blocks are needed
+        return (full * self._blocks(t)).sum(-1)
+
+    def _blocks(self, t: torch.Tensor) -> torch.Tensor:
+        """``(hidden, heads)`` 0/1 matrix: which head each hidden unit belongs to."""
+        hidden = t.shape[-1]
+        head = torch.arange(hidden, device=t.device) // (hidden // self.n_heads)
+        return F.one_hot(head, self.n_heads).to(t.dtype)
+
+    def _dot(self, t: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        """``(b, l, heads)`` per-head ``(t + eps) . (vec + eps)``; ``t`` ``(b, l, hidden)``, ``vec`` ``(b, hidden)``."""
+        vec = vec + self.eps
+        blocks = self._blocks(t)
+        diag = vec[:, :, None] * blocks  # (b, hidden, heads), block-diagonal
+        per_head = vec.view(vec.shape[0], self.n_heads, -1).sum(-1)  # (b, heads)
+        return t @ diag + self.eps * per_head[:, None, :]
+
+    def _flows(
+        self, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token ``(b, l, heads)`` competition and output scale (``sink_in * allocation``)
+        from the sigmoid queries and keys (zero at padding)."""
+        n_keys = valid.sum(dim=1).to(q.dtype)[:, None, None]  # keys per sentence, (b, 1, 1)
+        # incoming and outgoing flow
+        sink_in = 1.0 / self._dot(q, k.sum(dim=1))  # (b, l, heads)
+        source_out = 1.0 / self._dot(k, q.sum(dim=1))
+        # conservation refinement
+        sink = self._dot(q, self._head_sums(k, source_out))
+        source = self._dot(k, self._head_sums(q, sink_in)).clamp(min=-1.0, max=1.0)
+        # competition (softmax over the sentence's keys) and allocation
+        if not bool(valid.all()):
+            source = source.masked_fill(~valid[:, :, None], float("-inf"))
+        competition = torch.softmax(source, dim=1) * n_keys
+        return competition, sink_in * torch.sigmoid(sink)
+
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Attend within each padded sentence: ``x`` ``(batch, length, hidden)``, ``valid`` ``(batch, length)``."""
-        eps = self.eps
-        keep = valid[:, None, :, None].to(x.dtype)  # (b, 1, l, 1)
-        q = torch.sigmoid(self._heads(self.q_proj(x))) * keep
-        k = torch.sigmoid(self._heads(self.k_proj(x))) * keep
-        v = self._heads(self.v_proj(x))
-        length = valid.sum(dim=1).to(x.dtype)[:, None, None]  # keys per sentence, (b, 1, 1)
-        # incoming and outgoing flow
-        sink_in = 1.0 / torch.einsum("bhld,bhd->bhl", q + eps, k.sum(dim=2) + eps)
-        source_out = 1.0 / torch.einsum("bhld,bhd->bhl", k + eps, q.sum(dim=2) + eps)
-        # conservation refinement
-        sink = torch.einsum("bhld,bhd->bhl", q + eps, (k * source_out[..., None]).sum(dim=2) + eps)
-        source = torch.einsum("bhld,bhd->bhl", k + eps, (q * sink_in[..., None]).sum(dim=2) + eps)
-        source = source.clamp(min=-1.0, max=1.0)
-        # competition (softmax over the sentence's keys) and allocation
-        allocation = torch.sigmoid(sink)
-        source = source.masked_fill(~valid[:, None, :], float("-inf"))
-        competition = torch.softmax(source, dim=-1) * length
-        kv = torch.einsum("bhld,bhlm->bhdm", k, v * competition[..., None])
-        out = torch.einsum("bhld,bhdm->bhlm", q * sink_in[..., None], kv) * allocation[..., None]
-        return self._merge(out)
+        b, length, hidden = x.shape
+        heads = (b, length, self.n_heads, hidden // self.n_heads)
+        keep = valid[:, :, None].to(x.dtype)
+        q = torch.sigmoid(self.q_proj(x)) * keep
+        k = torch.sigmoid(self.k_proj(x)) * keep
+        v = self.v_proj(x)
+        competition, scale = self._flows(q, k, valid)
+        vc = v.view(heads) * competition[..., None]
+        kv = k.view(heads).permute(0, 2, 3, 1) @ vc.transpose(1, 2)  # (b, heads, d, d)
+        out = (q.view(heads).transpose(1, 2) @ kv).transpose(1, 2) * scale[..., None]
+        return self.dropout(self.out_proj(out.reshape(b, length, hidden)))
+
+    def add_to_(
+        self, x: torch.Tensor, valid: torch.Tensor, norm: nn.Module, dropout: nn.Module,
+        chunk: int,
+    ) -> torch.Tensor:
+        """Inference (no autograd): ``x += dropout(self(norm(x), valid))`` in place.
+
+        Token-wise work (norm, projections, output) runs ``chunk`` positions at a time, so only
+        ``q``, ``k`` and ``v`` are held at full size: no other ``(tokens, hidden)`` temporaries.
+        """
+        b, length, hidden = x.shape
+        heads = self.n_heads, hidden // self.n_heads
+        dtype = x.dtype  # under autocast, q, k and v are kept in the autocast type
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        q, k, v = (x.new_empty(x.shape, dtype=dtype) for _ in range(3))
+        for start in range(0, length, chunk):
+            rows = slice(start, start + chunk)
+            h = norm(x[:, rows])
+            q[:, rows] = self.q_proj(h).sigmoid_()
+            k[:, rows] = self.k_proj(h).sigmoid_()
+            v[:, rows] = self.v_proj(h)
+        if not bool(valid.all()):
+            keep = valid[:, :, None].to(x.dtype)
+            q.mul_(keep)
+            k.mul_(keep)
+        competition, scale = self._flows(q, k, valid)
+        vc = v.view(b, length, *heads).mul_(competition[..., None])
+        kv = k.view(b, length, *heads).permute(0, 2, 3, 1) @ vc.transpose(1, 2)  # (b, heads, d, d)
+        del k, v, vc
+        for start in range(0, length, chunk):
+            rows = slice(start, start + chunk)
+            qc = q[:, rows]
+            out = (qc.view(*qc.shape[:2], *heads).transpose(1, 2) @ kv).transpose(1, 2)
+            out = out * scale[:, rows, :, None]
+            x[:, rows] += dropout(self.dropout(self.out_proj(out.reshape(qc.shape))))
+        return x
 
 
 class SoftmaxAttention(_Projections):

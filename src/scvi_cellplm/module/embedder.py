@@ -32,7 +32,9 @@ def _log1p_matmul(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     n_rows, n_cols = x.shape
     if x.values().numel() < DENSE_DENSITY * max(n_rows * n_cols, 1):
         return torch.sparse.mm(torch.log1p(x), table)
-    crow, col, val = x.crow_indices(), x.col_indices(), torch.log1p(x.values())
+    crow, col, val = x.crow_indices(), x.col_indices(), x.values()
+    inplace = not torch.is_grad_enabled()
+    out = table.new_empty(n_rows, table.shape[1]) if inplace else None
     chunks = []
     for start in range(0, n_rows, CHUNK_CELLS):  # bounded memory: one dense chunk at a time
         stop = min(start + CHUNK_CELLS, n_rows)
@@ -40,8 +42,13 @@ def _log1p_matmul(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         counts = crow[start + 1 : stop + 1] - crow[start:stop]
         rows = torch.repeat_interleave(torch.arange(stop - start, device=x.device), counts)
         dense = table.new_zeros(stop - start, n_cols)
-        dense[rows, col[lo:hi]] = val[lo:hi]
-        chunks.append(dense @ table)
+        dense[rows, col[lo:hi]] = torch.log1p(val[lo:hi])
+        if inplace:
+            torch.mm(dense, table, out=out[start:stop])
+        else:
+            chunks.append(dense @ table)
+    if inplace:
+        return out
     return torch.cat(chunks) if chunks else table.new_zeros(0, table.shape[1])
 
 
@@ -91,4 +98,9 @@ class GeneEmbedder(nn.Module):
         h = log1p_matmul(x, self.table_for(gene_index, keep))
         if positional is not None:
             h = h + positional
-        return self.norm(self.dropout(F.relu(self.proj(h))))
+        if torch.is_grad_enabled():
+            return self.norm(self.dropout(F.relu(self.proj(h))))
+        for start in range(0, h.shape[0], CHUNK_CELLS):  # inference: in place, row chunks
+            rows = h[start : start + CHUNK_CELLS]
+            rows.copy_(self.norm(self.dropout(F.relu(self.proj(rows)))))
+        return h

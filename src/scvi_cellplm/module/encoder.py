@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import AttentionKind, make_attention
+from .attention import AttentionKind, FlowAttention, make_attention
+
+CHUNK_TOKENS = 2048
+"""Tokens per chunk of the token-wise work (norms, projections, feed-forward) at inference."""
 
 
 class Block(nn.Module):
@@ -26,8 +29,19 @@ class Block(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.norm1(x), valid))
-        return x + self.ff(self.norm2(x))
+        if torch.is_grad_enabled():
+            x = x + self.dropout(self.attn(self.norm1(x), valid))
+            return x + self.ff(self.norm2(x))
+        # inference: in place, token-wise work in chunks (bounded temporaries, cache-friendly)
+        if isinstance(self.attn, FlowAttention):
+            self.attn.add_to_(x, valid, self.norm1, self.dropout, CHUNK_TOKENS)
+        else:
+            x += self.dropout(self.attn(self.norm1(x), valid))
+        flat = x.view(-1, x.shape[-1])
+        for start in range(0, flat.shape[0], CHUNK_TOKENS):
+            rows = flat[start : start + CHUNK_TOKENS]
+            rows += self.ff(self.norm2(rows))
+        return x
 
 
 def pad_sentences(h: torch.Tensor, sentence: torch.Tensor):
@@ -37,6 +51,9 @@ def pad_sentences(h: torch.Tensor, sentence: torch.Tensor):
     ``padded[row, position]`` gives back ``h``.
     """
     _, inverse, counts = torch.unique(sentence, return_inverse=True, return_counts=True)
+    if len(counts) == 1:  # one sentence: a view, no copy
+        valid = torch.ones(1, h.shape[0], dtype=torch.bool, device=h.device)
+        return h.unsqueeze(0), valid, (inverse, torch.arange(h.shape[0], device=h.device))
     order = torch.argsort(inverse, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     position = torch.empty_like(inverse)
@@ -61,10 +78,13 @@ class CellEncoder(nn.Module):
         self.final_norm = nn.LayerNorm(n_hidden)
 
     def forward(self, h: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
-        """Contextualised tokens ``(n_cells, n_hidden)``; cells attend only within their sentence."""
+        """Contextualised tokens ``(n_cells, n_hidden)``; cells attend only within their sentence.
+
+        Without autograd (inference) the blocks work in place: ``h`` is overwritten.
+        """
         if h.shape[0] == 0:
             return self.final_norm(h)
         x, valid, where = pad_sentences(h, sentence)
         for block in self.blocks:
             x = block(x, valid)
-        return self.final_norm(x[where])
+        return self.final_norm(x[0] if x.shape[0] == 1 else x[where])
