@@ -992,8 +992,8 @@ def _read_log1p(x, rows: np.ndarray) -> sparse.csr_matrix:
 
 
 def _expression_features(
-    x, rows: np.ndarray, n_components: int = 10, n_fit: int = WINDOW_PCA_CELLS,
-    chunk: int = READ_CHUNK_CELLS,
+    x, rows: np.ndarray, n_components: int = 10, n_fit: int | None = None,
+    chunk: int | None = None,
 ) -> np.ndarray:
     """Truncated SVD of log1p counts of the sorted ``rows`` of ``x``: the space large
     non-spatial samples are windowed in.
@@ -1004,6 +1004,8 @@ def _expression_features(
     """
     from sklearn.decomposition import TruncatedSVD
 
+    n_fit = WINDOW_PCA_CELLS if n_fit is None else n_fit
+    chunk = READ_CHUNK_CELLS if chunk is None else chunk
     rows = np.asarray(rows)
     fit_rows = rows
     if len(rows) > n_fit:
