@@ -75,5 +75,9 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks on ../shared/data (CPU); prints tables of ratios against baselines."""
     _install(session)
-    for script in ("benchmarks/embedding_speed.py", "benchmarks/pretrain_memory.py"):
+    for script in (
+        "benchmarks/embedding_speed.py",
+        "benchmarks/pretrain_memory.py",
+        "benchmarks/streaming_inference.py",
+    ):
         session.run("python", script, *session.posargs)
