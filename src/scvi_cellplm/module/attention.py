@@ -50,9 +50,11 @@ class FlowAttention(_Projections):
 
     def _head_sums(self, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``(b, hidden)`` per-head sums over the sentence ``sum_l t[l, h, :] * w[l, h]``;
-        ``t`` ``(b, l, hidden)``, ``w`` ``(b, l, heads)``."""
-        full = t.transpose(1, 2) @ w  # (b, hidden, heads); only the diagonal blocks are needed
-        return (full * self._blocks(t)).sum(-1)
+        ``t`` ``(b, l, hidden)``, ``w`` ``(b, l, heads)`` (a reduction, as accurate as the
+        official einsum; a matrix product over the length loses digits at 50k cells)."""
+        b, length, hidden = t.shape
+        per_head = t.view(b, length, self.n_heads, -1) * w[..., None]
+        return per_head.sum(dim=1).reshape(b, hidden)
 
     def _blocks(self, t: torch.Tensor) -> torch.Tensor:
         """``(hidden, heads)`` 0/1 matrix: which head each hidden unit belongs to."""
@@ -69,22 +71,33 @@ class FlowAttention(_Projections):
         return t @ diag + self.eps * per_head[:, None, :]
 
     def _flows(
-        self, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, chunk: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token ``(b, l, heads)`` competition and output scale (``sink_in * allocation``)
-        from the sigmoid queries and keys (zero at padding)."""
-        n_keys = valid.sum(dim=1).to(q.dtype)[:, None, None]  # keys per sentence, (b, 1, 1)
-        # incoming and outgoing flow
-        sink_in = 1.0 / self._dot(q, k.sum(dim=1))  # (b, l, heads)
-        source_out = 1.0 / self._dot(k, q.sum(dim=1))
-        # conservation refinement
-        sink = self._dot(q, self._head_sums(k, source_out))
-        source = self._dot(k, self._head_sums(q, sink_in)).clamp(min=-1.0, max=1.0)
-        # competition (softmax over the sentence's keys) and allocation
-        if not bool(valid.all()):
-            source = source.masked_fill(~valid[:, :, None], float("-inf"))
-        competition = torch.softmax(source, dim=1) * n_keys
-        return competition, sink_in * torch.sigmoid(sink)
+        from the sigmoid queries and keys (zero at padding).
+
+        Always float32 (also when ``q``/``k`` are bf16 under autocast), ``chunk`` positions at a
+        time (default: all at once).
+        """
+        length = q.shape[1]
+        spans = [slice(s, s + (chunk or length)) for s in range(0, length, chunk or max(length, 1))]
+        with torch.autocast(q.device.type, enabled=False):
+            n_keys = valid.sum(dim=1).float()[:, None, None]  # keys per sentence, (b, 1, 1)
+            # incoming and outgoing flow
+            k_sum, q_sum = k.sum(dim=1, dtype=torch.float32), q.sum(dim=1, dtype=torch.float32)
+            sink_in = torch.cat([1.0 / self._dot(q[:, s].float(), k_sum) for s in spans], 1)
+            source_out = torch.cat([1.0 / self._dot(k[:, s].float(), q_sum) for s in spans], 1)
+            # conservation refinement
+            k_out = sum(self._head_sums(k[:, s].float(), source_out[:, s]) for s in spans)
+            q_in = sum(self._head_sums(q[:, s].float(), sink_in[:, s]) for s in spans)
+            sink = torch.cat([self._dot(q[:, s].float(), k_out) for s in spans], 1)
+            source = torch.cat([self._dot(k[:, s].float(), q_in) for s in spans], 1)
+            source = source.clamp(min=-1.0, max=1.0)
+            # competition (softmax over the sentence's keys) and allocation
+            if not bool(valid.all()):
+                source = source.masked_fill(~valid[:, :, None], float("-inf"))
+            competition = torch.softmax(source, dim=1) * n_keys
+            return competition, sink_in * torch.sigmoid(sink)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Attend within each padded sentence: ``x`` ``(batch, length, hidden)``, ``valid`` ``(batch, length)``."""
@@ -125,7 +138,8 @@ class FlowAttention(_Projections):
             keep = valid[:, :, None].to(x.dtype)
             q.mul_(keep)
             k.mul_(keep)
-        competition, scale = self._flows(q, k, valid)
+        competition, scale = self._flows(q, k, valid, chunk)
+        competition, scale = competition.to(v.dtype), scale.to(v.dtype)
         vc = v.view(b, length, *heads).mul_(competition[..., None])
         kv = k.view(b, length, *heads).permute(0, 2, 3, 1) @ vc.transpose(1, 2)  # (b, heads, d, d)
         del k, v, vc
