@@ -109,3 +109,15 @@ def test_hold_out_counts_and_denoising_errors(small_pancreas, trained_small):
     pred = trained_small.get_normalized_expression(corrupted, library_size="latent", return_numpy=True)
     errors = denoising_errors(pred, held)
     assert errors["rmse"] > 0 and errors["mae"] <= errors["rmse"]
+
+
+def test_annotator_predicts_new_data_without_labels_column(trained_small, small_pancreas):
+    ann = CellPLMAnnotator.from_cellplm_model(trained_small, labels_key="cell_type")
+    ann.train(max_epochs=1, enable_progress_bar=False)
+    query = small_pancreas[small_pancreas.obs["batch"] == "human1_lib3"].copy()
+    expected = np.asarray(ann.predict(indices=np.flatnonzero(small_pancreas.obs["batch"] == "human1_lib3")))
+    del query.obs["cell_type"]
+    with pytest.warns(UserWarning, match="Missing labels key"):
+        pred = ann.predict(query)
+    assert len(pred) == query.n_obs
+    np.testing.assert_array_equal(np.asarray(pred), expected)

@@ -44,6 +44,8 @@ class CellPLMAnnotator(CellPLM):
     >>> adata.obs["cellplm_prediction"] = ann.predict(adata)
     """
 
+    _transfer_kwargs = {"allow_missing_labels": True}  # predict on new data without a labels column
+
     def __init__(
         self,
         adata: AnnData | None = None,

@@ -105,6 +105,7 @@ class CellPLM(BaseModelClass):
 
     _module_cls = CellPLMModule
     _training_plan_cls = CellPLMTrainingPlan
+    _transfer_kwargs: dict = {}  # extra arguments of the registry transfer to new AnnData
 
     def __init__(
         self,
@@ -424,7 +425,8 @@ class CellPLM(BaseModelClass):
         if manager is not None:  # a copy of a registered AnnData
             _assign_adata_uuid(adata, overwrite=True)
         try:
-            manager = self.adata_manager.transfer_fields(adata, extend_categories=True)
+            manager = self.adata_manager.transfer_fields(adata, extend_categories=True,
+                                                         **self._transfer_kwargs)
         except (ValueError, KeyError) as err:
             raise InputDataError(f"The AnnData does not match the model's setup: {err}") from err
         self._register_manager_for_instance(manager)
