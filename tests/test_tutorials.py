@@ -49,5 +49,6 @@ def test_tutorials_are_found():
     assert {p.stem for p in TUTORIALS} >= {
         "pretraining_alongside_scvi",
         "denoising",
+        "annotation_query_mapping",
         "official_checkpoints",
     }
