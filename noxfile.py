@@ -79,5 +79,6 @@ def bench(session: nox.Session) -> None:
         "benchmarks/embedding_speed.py",
         "benchmarks/pretrain_memory.py",
         "benchmarks/streaming_inference.py",
+        "benchmarks/downstream.py",
     ):
         session.run("python", script, *session.posargs)
