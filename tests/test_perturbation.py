@@ -154,3 +154,18 @@ def test_bad_screens_are_refused(screen, backbone):
     adata.obs.iloc[-1, adata.obs.columns.get_loc("perturbation")] = "MISSINGGENE"
     with pytest.raises(InputDataError, match="MISSINGGENE"):
         CellPLMPerturbation.from_cellplm_model(backbone, adata)
+
+
+def test_screen_with_fewer_genes_aligns_to_the_backbone_vocabulary(screen, backbone):
+    adata = screen[0]
+    perturbed = {g for p in adata.obs["perturbation"].cat.categories if p != "control" for g in p.split("+")}
+    dropped = [g for g in adata.var_names if g not in perturbed][:50]
+    sub = adata[:, ~adata.var_names.isin(dropped)].copy()
+    pert = CellPLMPerturbation.from_cellplm_model(backbone, sub)
+    assert pert.module.backbone.gene_index is not None
+    table = backbone.module.embedder.gene_table.detach()
+    np.testing.assert_array_equal(pert.module.backbone.embedder.gene_table.detach().numpy(),
+                                  table.numpy())
+    pert.train(max_epochs=1, enable_progress_bar=False)
+    pred = pert.predict(perturbations=[sorted(perturbed)[0]])
+    assert pred.shape == (1, sub.n_vars) and list(pred.var_names) == list(sub.var_names)
