@@ -112,6 +112,35 @@ def sentence_dataloader(
     return DataLoader(dataset, sampler=sampler, batch_size=None, **kwargs)
 
 
+def split_within_groups(
+    codes: np.ndarray, validation_size: float, seed: int
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Hold out a seeded random fraction of each group's cells for validation.
+
+    Groups are the non-negative values of ``codes`` (negative codes take part in neither side).
+    Each group keeps at least one training cell (``floor(validation_size * n) < n``).
+
+    Returns
+    -------
+    ``(train, validation)``: sorted obs indices per group code.
+    """
+    if not 0.0 <= validation_size < 1.0:
+        raise ValueError(f"`validation_size` must be in [0, 1), got {validation_size}.")
+    rng = np.random.default_rng(seed)
+    train, val = {}, {}
+    for code in np.unique(codes[codes >= 0]):
+        members = rng.permutation(np.flatnonzero(codes == code))
+        n_val = int(np.floor(validation_size * len(members)))
+        val[int(code)] = np.sort(members[:n_val])
+        train[int(code)] = np.sort(members[n_val:])
+    return train, val
+
+
+def concat_sorted(groups: dict[int, np.ndarray]) -> np.ndarray:
+    """All indices of ``groups`` in one sorted array (empty without groups)."""
+    return np.sort(np.concatenate(list(groups.values()))) if groups else np.array([], dtype=np.int64)
+
+
 class SentenceDataSplitter(pl.LightningDataModule):
     """Split cells into training and validation *within each sample*, then build sentences.
 
@@ -142,26 +171,14 @@ class SentenceDataSplitter(pl.LightningDataModule):
         **loader_kwargs,
     ) -> None:
         super().__init__()
-        if not 0.0 <= validation_size < 1.0:
-            raise ValueError(f"`validation_size` must be in [0, 1), got {validation_size}.")
         self.adata_manager = adata_manager
         self.max_cells = max_cells
         self.windower = windower
         self.seed = seed
         self.loader_kwargs = loader_kwargs
         self.sample_codes = np.asarray(sample_codes).reshape(-1)
-        rng = np.random.default_rng(seed)
-        train, val = [], []
-        for code in np.unique(self.sample_codes):
-            members = np.flatnonzero(self.sample_codes == code)
-            members = rng.permutation(members)
-            n_val = int(np.floor(validation_size * len(members)))
-            if len(members) - n_val < 1:
-                n_val = 0
-            val.append(members[:n_val])
-            train.append(members[n_val:])
-        self.train_idx = np.sort(np.concatenate(train))
-        self.val_idx = np.sort(np.concatenate(val)) if val else np.array([], dtype=int)
+        train, val = split_within_groups(self.sample_codes, validation_size, seed)
+        self.train_idx, self.val_idx = concat_sorted(train), concat_sorted(val)
         self.test_idx = np.array([], dtype=int)
         self.n_train, self.n_val = len(self.train_idx), len(self.val_idx)
 

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .._constants import PERTURBATION_KEY, REGISTRY_KEYS, SENTENCE_KEY, TARGET_KEY
-from ._loader import INDICES_KEY
+from ._loader import INDICES_KEY, concat_sorted, split_within_groups
 
 Item = tuple[np.ndarray, int, np.ndarray]
 """One training item: control cells (a sentence), a perturbation code, target cells (as many)."""
@@ -142,8 +142,6 @@ class PerturbationDataSplitter(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not 0.0 <= validation_size < 1.0:
-            raise ValueError(f"`validation_size` must be in [0, 1), got {validation_size}.")
         self.adata_manager = adata_manager
         self.sentences = sentences
         self.sample_codes = np.asarray(sample_codes).reshape(-1)
@@ -151,15 +149,8 @@ class PerturbationDataSplitter(pl.LightningDataModule):
         self.dataset = PerturbationPairDataset(adata_manager, multi_hot, target_sum)
         self.items_per_batch = max(1, max_cells // max(len(s) for s in sentences))
         self.seed = seed
-        rng = np.random.default_rng(seed)
-        self.train_groups, self.val_groups = {}, {}
-        for code in np.unique(codes[codes >= 0]):
-            members = rng.permutation(np.flatnonzero(codes == code))
-            n_val = int(np.floor(validation_size * len(members)))
-            self.val_groups[int(code)] = np.sort(members[:n_val])
-            self.train_groups[int(code)] = np.sort(members[n_val:])
-        self.train_idx = np.sort(np.concatenate(list(self.train_groups.values())))
-        self.val_idx = np.sort(np.concatenate(list(self.val_groups.values())))
+        self.train_groups, self.val_groups = split_within_groups(codes, validation_size, seed)
+        self.train_idx, self.val_idx = concat_sorted(self.train_groups), concat_sorted(self.val_groups)
         self.test_idx = np.array([], dtype=int)
         self.n_train, self.n_val = len(self.train_idx), len(self.val_idx)
 
