@@ -71,6 +71,35 @@ def test_paper_size_checkpoint_embeddings_match_official(tmp_path, vocabulary, e
         assert np.abs(model.get_latent_representation() - reference).max() <= TOL
 
 
+def test_flow_attention_is_as_accurate_as_official_on_long_sentences():
+    """At tens of thousands of cells in one sentence, float32 rounding of the flow sums and the
+    softmax over keys decides parity; our attention (training and in-place inference paths) must
+    stay as close to a float64 evaluation of the official layer as the official float32 is."""
+    from CellPLM.layer.flowformer import Flow_Attention
+
+    from scvi_cellplm.module.attention import FlowAttention
+
+    torch.manual_seed(0)
+    length, hidden, heads = 50_000, 64, 8
+    official = Flow_Attention(hidden, heads).eval()
+    ours = FlowAttention(hidden, heads, dropout=0.0).eval()
+    for mine, theirs in (("q_proj", "query_projection"), ("k_proj", "key_projection"),
+                         ("v_proj", "value_projection"), ("out_proj", "out_projection")):
+        getattr(ours, mine).load_state_dict(getattr(official, theirs).state_dict())
+    x = torch.randn(1, length, hidden)
+    valid = torch.ones(1, length, dtype=torch.bool)
+    with torch.no_grad():
+        exact = official.double()(x.double())
+        official_error = (official.float()(x).double() - exact).abs().max().item()
+        forward_error = (ours(x, valid).double() - exact).abs().max().item()
+        # in place: x + attn(x); compare with the official float32 sum, same final rounding
+        in_place = ours.add_to_(x.clone(), valid, torch.nn.Identity(), torch.nn.Identity(), 2048)
+        official_sum_error = ((x + official(x)).double() - (x.double() + exact)).abs().max().item()
+        in_place_error = (in_place.double() - (x.double() + exact)).abs().max().item()
+    assert forward_error <= 1.5 * official_error
+    assert in_place_error <= 1.5 * official_sum_error
+
+
 def test_decoder_outputs_match_official(tmp_path, vocabulary, ensembl_pancreas):
     config = small_config(vocabulary)
     official = build_official(config)

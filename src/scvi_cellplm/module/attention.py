@@ -96,7 +96,10 @@ class FlowAttention(_Projections):
             # competition (softmax over the sentence's keys) and allocation
             if not bool(valid.all()):
                 source = source.masked_fill(~valid[:, :, None], float("-inf"))
-            competition = torch.softmax(source, dim=1) * n_keys
+            # softmax along a contiguous dimension (as the official): over a strided one the
+            # CPU kernel sums 50k exponentials in another order and loses digits
+            competition = torch.softmax(source.transpose(1, 2).contiguous(), dim=-1)
+            competition = competition.transpose(1, 2) * n_keys
             return competition, sink_in * torch.sigmoid(sink)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
