@@ -8,6 +8,7 @@ Each measurement runs in a fresh subprocess (same threads) so peak RSS is its ow
 of both are compared (max abs difference) and the table prints ratios ours/official.
 
     python benchmarks/embedding_speed.py --sizes 2000 10000 48082 --threads 2
+    python benchmarks/embedding_speed.py --sizes 48082 --device cuda --bf16   # the paper's Table 1 setting
 """
 
 from __future__ import annotations
@@ -60,7 +61,14 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def _run_official(directory, prefix, n_cells, n_genes, vocabulary, threads, queue):
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _run_official(directory, prefix, n_cells, n_genes, vocabulary, threads, device, queue):
     import contextlib
 
     import torch
@@ -73,15 +81,19 @@ def _run_official(directory, prefix, n_cells, n_genes, vocabulary, threads, queu
     adata = make_cells(n_cells, n_genes, vocabulary)
     with deterministic_official(), contextlib.redirect_stdout(open(os.devnull, "w")):
         pipeline = CellEmbeddingPipeline(pretrain_prefix=prefix, pretrain_directory=directory)
+        if device != "cpu":  # warm-up: CUDA context and kernels, not part of the timing
+            pipeline.predict(adata[:1000].copy(), device=device, ensembl_auto_conversion=False)
         base = _peak_rss_gib()
+        _sync(device)
         start = time.perf_counter()
-        emb = pipeline.predict(adata, device="cpu", ensembl_auto_conversion=False).numpy()
+        emb = pipeline.predict(adata, device=device, ensembl_auto_conversion=False).cpu().numpy()
+        _sync(device)
         seconds = time.perf_counter() - start
     queue.put({"seconds": seconds, "peak_rss_gib": _peak_rss_gib(), "rss_before_gib": base,
                "embedding": emb})
 
 
-def _run_ours(path_prefix, n_cells, n_genes, vocabulary, threads, precision, queue):
+def _run_ours(path_prefix, n_cells, n_genes, vocabulary, threads, precision, device, queue):
     import torch
 
     torch.set_num_threads(threads)
@@ -90,9 +102,14 @@ def _run_ours(path_prefix, n_cells, n_genes, vocabulary, threads, precision, que
     adata = make_cells(n_cells, n_genes, vocabulary)
     CellPLM.setup_anndata(adata, batch_key="batch")
     model = CellPLM.from_official(path_prefix, adata, max_cells_per_batch=max(n_cells, 1))
+    if device != "cpu":  # warm-up: CUDA context and kernels, not part of the timing
+        model.to_device(device)
+        model.get_latent_representation(indices=np.arange(min(n_cells, 1000)), precision=precision)
     base = _peak_rss_gib()
+    _sync(device)
     start = time.perf_counter()
     emb = model.get_latent_representation(precision=precision)
+    _sync(device)
     seconds = time.perf_counter() - start
     queue.put({"seconds": seconds, "peak_rss_gib": _peak_rss_gib(), "rss_before_gib": base,
                "embedding": emb})
@@ -108,20 +125,23 @@ def _in_subprocess(target, *args):
     return result
 
 
-def matmul_peak(width: int, threads: int) -> dict[str, float]:
+def matmul_peak(width: int, threads: int, device: str = "cpu") -> dict[str, float]:
     """GFLOP/s of a square-ish ``torch.mm`` (fp32 and bf16) of the model's width, this process."""
     import torch
 
     torch.set_num_threads(threads)
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a = torch.randn(4096, width, dtype=dtype)
-        b = torch.randn(width, width, dtype=dtype)
+        a = torch.randn(4096, width, dtype=dtype, device=device)
+        b = torch.randn(width, width, dtype=dtype, device=device)
         for _ in range(3):
             torch.mm(a, b)
-        reps, start = 10, time.perf_counter()
+        reps = 10 if device == "cpu" else 200
+        _sync(device)
+        start = time.perf_counter()
         for _ in range(reps):
             torch.mm(a, b)
+        _sync(device)
         out[name] = 2 * 4096 * width * width * reps / (time.perf_counter() - start) / 1e9
     return out
 
@@ -133,6 +153,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="also run ours under bf16 autocast")
     parser.add_argument("--skip-official", action="store_true")
+    parser.add_argument("--device", default="cpu",
+                        help="'cpu' or 'cuda' (both implementations; one warm-up run before timing)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     if not CONFIG.exists() or not DATA.exists():
@@ -148,8 +170,9 @@ def main() -> int:
     vocabulary = config["gene_list"]
     flops = encoder_flops_per_cell(config["enc_hid"], config["enc_layers"],
                                    config["post_latent_dim"], config["num_clusters"])
-    peak = matmul_peak(config["enc_hid"], args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads; torch.mm width {config['enc_hid']}: "
+    peak = matmul_peak(config["enc_hid"], args.threads, args.device)
+    print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads; "
+          f"torch.mm width {config['enc_hid']}: "
           f"{peak['fp32']:.0f} GFLOP/s fp32, {peak['bf16']:.0f} GFLOP/s bf16; "
           f"encoder {flops / 1e6:.1f} MFLOP/cell -> fp32 roofline "
           f"{peak['fp32'] * 1e9 / flops:.0f} cells/s")
@@ -159,15 +182,17 @@ def main() -> int:
         prefix = os.path.join(tmp, "paper")
         for n in args.sizes:
             row = {"cells": n}
-            ours = _in_subprocess(_run_ours, prefix, n, args.genes, vocabulary, args.threads, "32")
+            ours = _in_subprocess(_run_ours, prefix, n, args.genes, vocabulary, args.threads, "32",
+                                  args.device)
             row["ours"] = ours
             if not args.skip_official:
                 official = _in_subprocess(_run_official, tmp, "paper", n, args.genes, vocabulary,
-                                          args.threads)
+                                          args.threads, args.device)
                 row["official"] = official
                 row["max_abs_diff"] = float(np.abs(ours["embedding"] - official["embedding"]).max())
             if args.bf16:
-                bf = _in_subprocess(_run_ours, prefix, n, args.genes, vocabulary, args.threads, "bf16")
+                bf = _in_subprocess(_run_ours, prefix, n, args.genes, vocabulary, args.threads, "bf16",
+                                    args.device)
                 a, b = ours["embedding"], bf["embedding"]
                 cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
                 bf["cosine_min"], bf["cosine_mean"] = float(cos.min()), float(cos.mean())
