@@ -121,3 +121,17 @@ def test_annotator_predicts_new_data_without_labels_column(trained_small, small_
         pred = ann.predict(query)
     assert len(pred) == query.n_obs
     np.testing.assert_array_equal(np.asarray(pred), expected)
+
+
+def test_query_with_unseen_label_categories_is_predicted_with_a_warning(trained_small, small_pancreas):
+    ann = CellPLMAnnotator.from_cellplm_model(trained_small, labels_key="cell_type")
+    ann.train(max_epochs=1, enable_progress_bar=False)
+    query = small_pancreas[small_pancreas.obs["batch"] == "human1_lib3"].copy()
+    expected = np.asarray(ann.predict(query))
+    labels = query.obs["cell_type"].astype(str).to_numpy()
+    labels[:5] = "a_type_never_seen"
+    query.obs["cell_type"] = pd.Categorical(labels)
+    with pytest.warns(UserWarning, match="a_type_never_seen"):
+        pred = ann.predict(query)
+    np.testing.assert_array_equal(np.asarray(pred), expected)
+    assert "a_type_never_seen" not in pred.categories

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -179,6 +180,21 @@ class CellPLMAnnotator(CellPLM):
         return super().train(max_epochs, lr=lr, max_cells_per_batch=max_cells_per_batch,
                              plan_kwargs={**defaults, **(plan_kwargs or {})}, **kwargs)
 
+    def _warn_unseen_labels(self, adata: AnnData) -> None:
+        key = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY).original_key
+        if key not in adata.obs:
+            return
+        known = {*map(str, self.label_categories_), str(self.unlabeled_category_)}
+        unseen = sorted({str(v) for v in pd.unique(adata.obs[key].dropna())} - known)
+        if unseen:
+            warnings.warn(
+                f"adata.obs[{key!r}] has labels the model was not trained on: {unseen[:10]}. They are "
+                f"not used; their cells are predicted as one of the {len(self.label_categories_)} "
+                "training labels (fine-tune a new annotator to learn new types).",
+                UserWarning,
+                stacklevel=3,
+            )
+
     @torch.inference_mode()
     def predict(
         self,
@@ -188,7 +204,12 @@ class CellPLMAnnotator(CellPLM):
         batch_size: int | None = None,
     ) -> np.ndarray | pd.DataFrame:
         """Predicted labels (for ``adata.obs["cellplm_prediction"]``) or, with ``soft``, a
-        DataFrame of class probabilities (cells x training label categories)."""
+        DataFrame of class probabilities (cells x training label categories).
+
+        Labels in ``adata`` are not needed; label values the model was not trained on are named
+        in a warning (predictions are always among the training categories)."""
+        if adata is not None:
+            self._warn_unseen_labels(adata)
         adata = self._validate_anndata(adata)
         pos = self._positions(indices, adata.n_obs)
         n_out = adata.n_obs if indices is None else len(indices)
