@@ -40,6 +40,33 @@ def test_padded_sentences_equal_separate_runs(attention):
     torch.testing.assert_close(together[1, :3], alone_b[0], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_sentences", [1, 3])
+def test_in_place_inference_equals_autograd_path_and_bf16_stays_close(n_sentences):
+    """Embedding without autograd (in-place, chunked blocks; per-head products; weights cast
+    once under autocast) gives the training-path result, and bfloat16 autocast stays close."""
+    from scvi_cellplm.module import encoder as encoder_module
+
+    torch.manual_seed(0)
+    enc = CellEncoder(64, 2, 4, attention="flowformer", dropout=0.1).eval()
+    h = torch.randn(50, 64)
+    sentence = torch.arange(50) % n_sentences
+    with torch.enable_grad():
+        reference = enc(h.clone(), sentence).detach()
+    chunk = encoder_module.CHUNK_TOKENS
+    try:
+        encoder_module.CHUNK_TOKENS = 16  # several chunks, a partial last one
+        with torch.no_grad():
+            in_place = enc(h.clone(), sentence)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = enc(h.clone(), sentence).float()
+    finally:
+        encoder_module.CHUNK_TOKENS = chunk
+    torch.testing.assert_close(in_place, reference, atol=1e-5, rtol=1e-5)
+    cosine = torch.nn.functional.cosine_similarity(low, reference, dim=1)
+    assert cosine.min() > 0.99
+    assert not torch.equal(low, reference)  # bf16 really ran
+
+
 def test_pad_sentences_round_trip():
     h = torch.randn(9, 4)
     sentence = torch.tensor([2, 0, 2, 1, 0, 2, 2, 1, 0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import AttentionKind, FlowAttention, make_attention
+from .attention import AttentionKind, FlowAttention, InferenceWorkspace, make_attention
 
 CHUNK_TOKENS = 2048
 """Tokens per chunk of the token-wise work (norms, projections, feed-forward) at inference."""
@@ -28,19 +28,24 @@ class Block(nn.Module):
             nn.Dropout(dropout),
         )
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, valid: torch.Tensor, workspace: InferenceWorkspace | None = None
+    ) -> torch.Tensor:
+        """``workspace``: buffers and cast weights shared by the blocks of one inference call."""
         if torch.is_grad_enabled():
             x = x + self.dropout(self.attn(self.norm1(x), valid))
             return x + self.ff(self.norm2(x))
         # inference: in place, token-wise work in chunks (bounded temporaries, cache-friendly)
         if isinstance(self.attn, FlowAttention):
-            self.attn.add_to_(x, valid, self.norm1, self.dropout, CHUNK_TOKENS)
+            self.attn.add_to_(x, valid, self.norm1, self.dropout, CHUNK_TOKENS, workspace)
         else:
             x += self.dropout(self.attn(self.norm1(x), valid))
+        ws = InferenceWorkspace() if workspace is None else workspace
+        up, act, drop, down, drop_out = self.ff
         flat = x.view(-1, x.shape[-1])
         for start in range(0, flat.shape[0], CHUNK_TOKENS):
             rows = flat[start : start + CHUNK_TOKENS]
-            rows += self.ff(self.norm2(rows))
+            rows += drop_out(ws.linear(down, drop(act(ws.linear(up, self.norm2(rows))))))
         return x
 
 
@@ -85,6 +90,7 @@ class CellEncoder(nn.Module):
         if h.shape[0] == 0:
             return self.final_norm(h)
         x, valid, where = pad_sentences(h, sentence)
+        workspace = InferenceWorkspace()  # used at inference only
         for block in self.blocks:
-            x = block(x, valid)
+            x = block(x, valid, workspace)
         return self.final_norm(x[0] if x.shape[0] == 1 else x[where])
