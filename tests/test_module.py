@@ -112,6 +112,27 @@ def test_module_shapes_and_deterministic_eval(latent, attention):
     assert m.embedder.gene_table.grad is not None
 
 
+@pytest.mark.parametrize("latent", ["gmvae", "vae"])
+def test_inference_without_autograd_equals_autograd_on_large_sentences(latent):
+    """Above one chunk of cells, inference without autograd (chunked latent layer, chunked
+    library sums over sparse counts, in-place final norm) gives the autograd path's outputs."""
+    torch.manual_seed(0)
+    m = CellPLMModule(30, n_hidden=16, n_layers=1, n_heads=2, n_latent=6, n_clusters=3,
+                      latent_distribution=latent).eval()
+    n = 9000  # > 2 chunks of 4096
+    x = _counts(n=n)
+    sentence = torch.zeros(n, dtype=torch.long)
+    with torch.enable_grad():
+        reference = m.inference(x, sentence)
+    with torch.no_grad():
+        result = m.inference(x.to_sparse_csr(), sentence)
+    for key in ("qzm", "z", "library", "h"):
+        torch.testing.assert_close(result[key], reference[key].detach(), atol=1e-5, rtol=1e-5)
+    assert result["latent_loss"].keys() == reference["latent_loss"].keys()
+    for term, value in result["latent_loss"].items():
+        torch.testing.assert_close(value, reference["latent_loss"][term].detach(), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("density", [0.01, 0.7])  # sparse product / chunked dense product
 def test_sparse_and_dense_inputs_embed_identically(density):
     torch.manual_seed(0)

@@ -506,12 +506,16 @@ class CellPLM(BaseModelClass):
             else:
                 values = res[MODULE_KEYS.QZM_KEY] if give_mean else res[MODULE_KEYS.Z_KEY]
             values = values.float().cpu().numpy()
+            del res, inputs  # the other outputs: freed before the copies below
             if out is None:
                 out = np.zeros((n_out, values.shape[1]), dtype=np.float32)
             rows, keep = pos[obs], pos[obs] >= 0
-            rows, values = rows[keep], values[keep]
-            order = np.argsort(rows, kind="stable")  # on-disk arrays want increasing rows
-            out[rows[order]] = values[order]
+            if not keep.all():
+                rows, values = rows[keep], values[keep]
+            if np.any(np.diff(rows) < 0):  # on-disk arrays want increasing rows
+                order = np.argsort(rows, kind="stable")
+                rows, values = rows[order], values[order]
+            out[rows] = values
         if out is None:
             out = np.zeros((0, self.module.n_latent), dtype=np.float32)
         return out

@@ -18,6 +18,9 @@ from .encoder import CellEncoder
 from .latent import LatentDistribution, make_latent
 from .positional import PositionalEncoding, PositionalEncodingKind
 
+LATENT_CHUNK = 4096
+"""Cells per chunk of the latent layer and of library sums at inference."""
+
 
 class CellPLMModule(BaseModuleClass):
     """CellPLM: cells of one sentence are the tokens of a transformer.
@@ -219,6 +222,24 @@ class CellPLMModule(BaseModuleClass):
             h = h + token_offset
         return self.encoder(h, sentence)
 
+    def _latent(self, h: torch.Tensor, sample: bool) -> dict[str, torch.Tensor]:
+        """The latent layer; without autograd in row chunks written into preallocated outputs
+        (bounded temporaries at 50k-cell sentences); scalar terms are cell-weighted means."""
+        if torch.is_grad_enabled() or h.shape[0] <= LATENT_CHUNK:
+            return self.latent(h, sample=sample)
+        out: dict[str, torch.Tensor] = {}
+        for start in range(0, h.shape[0], LATENT_CHUNK):
+            part = self.latent(h[start : start + LATENT_CHUNK], sample=sample)
+            n = part["qzm"].shape[0]
+            for key, value in part.items():
+                if value.dim() == 0:  # a mean over the chunk's cells
+                    out[key] = out.get(key, 0.0) + value * (n / h.shape[0])
+                    continue
+                if key not in out:
+                    out[key] = value.new_empty(h.shape[0], *value.shape[1:])
+                out[key][start : start + n] = value
+        return out
+
     # ---------------------------------------------------------------- scvi-tools API
     @auto_move_data
     def inference(
@@ -233,7 +254,7 @@ class CellPLMModule(BaseModuleClass):
         sample = self.training if sample is None else sample
         sentence = sentence.view(-1).long()
         h = self.embed(x, sentence, coords, input_mask)
-        out = self.latent(h, sample=sample)
+        out = self._latent(h, sample)
         library = _row_sum(x, self.input_gene_mask)
         outputs = {
             MODULE_KEYS.HIDDEN_KEY: h,
@@ -353,10 +374,14 @@ def _row_sum(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         return (x if keep is None else x[:, keep]).sum(dim=1)
     x = x if x.layout == torch.sparse_csr else x.to_sparse_csr()
     crow, col, values = x.crow_indices(), x.col_indices(), x.values()
-    if keep is not None:
-        values = values * keep[col].to(values.dtype)
-    rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), crow.diff())
-    return values.new_zeros(x.shape[0]).index_add_(0, rows, values)
+    total = values.new_zeros(x.shape[0])
+    for start in range(0, x.shape[0], LATENT_CHUNK):  # temporaries bounded by a chunk's entries
+        stop = min(start + LATENT_CHUNK, x.shape[0])
+        lo, hi = int(crow[start]), int(crow[stop])
+        part = values[lo:hi] if keep is None else values[lo:hi] * keep[col[lo:hi]].to(values.dtype)
+        rows = torch.repeat_interleave(torch.arange(start, stop, device=x.device), crow[start : stop + 1].diff())
+        total.index_add_(0, rows, part)
+    return total
 
 
 def _nb_nll(

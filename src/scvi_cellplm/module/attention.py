@@ -127,35 +127,41 @@ class FlowAttention(_Projections):
         """Inference (no autograd): ``x += dropout(self(norm(x), valid))`` in place.
 
         Token-wise work (norm, projections, output) runs ``chunk`` positions at a time, so only
-        ``q``, ``k`` and ``v`` are held at full size: no other ``(tokens, hidden)`` temporaries.
+        ``q`` and ``k`` are held at full size (``v`` is made chunk by chunk where it is used):
+        no other ``(tokens, hidden)`` temporaries.
         Per-head products are one matrix product per head on strided views (no head-major
         copies; several times faster than a batched product on transposed views in bfloat16).
         """
         ws = InferenceWorkspace() if workspace is None else workspace
         b, length, hidden = x.shape
         n_heads, d = self.n_heads, hidden // self.n_heads
-        q, k, v = ws.qkv(x)
-        flat = [t.view(-1, hidden) for t in (x, q, k, v)]  # token-wise: any sentence layout
+        q, k = ws.qk(x)
+        flat = [t.view(-1, hidden) for t in (x, q, k)]  # token-wise: any sentence layout
         for start in range(0, b * length, chunk):
             rows = slice(start, start + chunk)
             h = ws.cast(norm(flat[0][rows]))
-            for proj, dst in zip((self.q_proj, self.k_proj, self.v_proj), flat[1:]):
-                ws.linear(proj, h, out=dst[rows])
-            flat[1][rows].sigmoid_()
-            flat[2][rows].sigmoid_()
+            ws.linear(self.q_proj, h, out=flat[1][rows]).sigmoid_()
+            ws.linear(self.k_proj, h, out=flat[2][rows]).sigmoid_()
         if not bool(valid.all()):
             keep = valid[:, :, None].to(q.dtype)
             q.mul_(keep)
             k.mul_(keep)
         competition, scale = self._flows(q, k, valid, chunk)
-        competition, scale = competition.to(v.dtype), scale.to(v.dtype)
-        v.view(b, length, n_heads, d).mul_(competition[..., None])  # v * competition, in place
+        competition, scale = competition.to(q.dtype), scale.to(q.dtype)
         cols = [slice(i * d, (i + 1) * d) for i in range(n_heads)]
-        with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit here
-            kv = v.new_empty(b, n_heads, d, d)
-            for i in range(b):
-                for j, c in enumerate(cols):
-                    torch.mm(k[i, :, c].t(), v[i, :, c], out=kv[i, j])
+        with torch.autocast(x.device.type, enabled=False):  # types explicit from here (ws.dtype)
+            # kv = sum over the sentence of k (x) (v * competition); v made chunk by chunk, never
+            # held at full size (the flows above need only q and k)
+            kv = torch.zeros(b, n_heads, d, d, dtype=torch.float32, device=x.device)
+            part = q.new_empty(d, d)
+            for start in range(0, length, chunk):
+                rows = slice(start, start + chunk)
+                vc = ws.linear(self.v_proj, ws.cast(norm(x[:, rows])))  # ws knows the type
+                vc.view(*vc.shape[:2], n_heads, d).mul_(competition[:, rows, :, None])
+                for i in range(b):
+                    for j, c in enumerate(cols):
+                        kv[i, j] += torch.mm(k[i, rows, c].t(), vc[i, :, c], out=part)
+            kv = kv.to(q.dtype)
             out = q.new_empty(b, min(chunk, length), hidden)
             for start in range(0, length, chunk):
                 rows = slice(start, start + chunk)
@@ -176,23 +182,29 @@ class InferenceWorkspace:
     def __init__(self) -> None:
         self.buffers: list[torch.Tensor] = []
         self.weights: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.autocast = False  # set by the first block: autocast was on when it ran
+        self.low: torch.dtype | None = None
 
-    @staticmethod
-    def dtype(x: torch.Tensor) -> torch.dtype:
-        """The autocast type when autocast is on, else ``x``'s type."""
+    def dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The autocast type when autocast is (or was, for this call) on, else ``x``'s type."""
         if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return x.dtype
+            self.autocast, self.low = True, torch.get_autocast_dtype(x.device.type)
+        return self.low if self.autocast else x.dtype
+
+    def release(self) -> None:
+        """Free the buffers (before the caller allocates other full-size tensors)."""
+        self.buffers = []
 
     def cast(self, h: torch.Tensor) -> torch.Tensor:
         """``h`` in the compute type (a no-op without autocast)."""
         return h.to(self.dtype(h))
 
-    def qkv(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Three buffers shaped as ``x`` in the compute type, reused while the shape holds."""
+    def qk(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Two buffers shaped as ``x`` in the compute type, reused while the shape holds."""
         dtype = self.dtype(x)
         if not self.buffers or self.buffers[0].shape != x.shape or self.buffers[0].dtype != dtype:
-            self.buffers = [x.new_empty(x.shape, dtype=dtype) for _ in range(3)]
+            self.buffers = []  # free before allocating
+            self.buffers = [x.new_empty(x.shape, dtype=dtype) for _ in range(2)]
         return self.buffers
 
     def linear(self, layer: nn.Linear, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -93,4 +93,11 @@ class CellEncoder(nn.Module):
         workspace = InferenceWorkspace()  # used at inference only
         for block in self.blocks:
             x = block(x, valid, workspace)
-        return self.final_norm(x[0] if x.shape[0] == 1 else x[where])
+        workspace.release()
+        out = x[0] if x.shape[0] == 1 else x[where]
+        if torch.is_grad_enabled():
+            return self.final_norm(out)
+        for start in range(0, out.shape[0], CHUNK_TOKENS):  # inference: in place
+            rows = out[start : start + CHUNK_TOKENS]
+            rows.copy_(self.final_norm(rows))
+        return out
