@@ -4,7 +4,8 @@ Builds the paper-size model (``../shared/data/official/cellplm_20230926_85M.conf
 Flowformer, GMVAE 512, 19,374-gene vocabulary) with random weights in the official package, saves
 it as an official checkpoint, loads it in ours with ``CellPLM.from_official``, and embeds the same
 real cells (PBMC 3k, resampled) with both. Like the official run, all cells form one sentence.
-Each measurement runs in a fresh subprocess (same threads) so peak RSS is its own; the embeddings
+Each measurement runs in a fresh subprocess (same threads) so peak RSS is its own, after a warm-up
+call on 500 cells (one-time kernel selection, e.g. oneDNN's bf16 kernels); the embeddings
 of both are compared (max abs difference) and the table prints ratios ours/official.
 
     python benchmarks/embedding_speed.py --sizes 2000 10000 48082 --threads 2
@@ -81,8 +82,8 @@ def _run_official(directory, prefix, n_cells, n_genes, vocabulary, threads, devi
     adata = make_cells(n_cells, n_genes, vocabulary)
     with deterministic_official(), contextlib.redirect_stdout(open(os.devnull, "w")):
         pipeline = CellEmbeddingPipeline(pretrain_prefix=prefix, pretrain_directory=directory)
-        if device != "cpu":  # warm-up: CUDA context and kernels, not part of the timing
-            pipeline.predict(adata[:1000].copy(), device=device, ensembl_auto_conversion=False)
+        # warm-up (one-time kernel selection/JIT, CUDA context), not part of the timing
+        pipeline.predict(adata[:500].copy(), device=device, ensembl_auto_conversion=False)
         base = _peak_rss_gib()
         _sync(device)
         start = time.perf_counter()
@@ -93,7 +94,7 @@ def _run_official(directory, prefix, n_cells, n_genes, vocabulary, threads, devi
                "embedding": emb})
 
 
-def _run_ours(path_prefix, n_cells, n_genes, vocabulary, threads, precision, device, queue):
+def _run_ours(path_prefix, n_cells, n_genes, vocabulary, threads, precision, device, clusters, queue):
     import torch
 
     torch.set_num_threads(threads)
@@ -102,17 +103,20 @@ def _run_ours(path_prefix, n_cells, n_genes, vocabulary, threads, precision, dev
     adata = make_cells(n_cells, n_genes, vocabulary)
     CellPLM.setup_anndata(adata, batch_key="batch")
     model = CellPLM.from_official(path_prefix, adata, max_cells_per_batch=max(n_cells, 1))
-    if device != "cpu":  # warm-up: CUDA context and kernels, not part of the timing
+    if device != "cpu":
         model.to_device(device)
-        model.get_latent_representation(indices=np.arange(min(n_cells, 1000)), precision=precision)
+    # warm-up (one-time kernel selection/JIT, CUDA context), not part of the timing
+    model.get_latent_representation(indices=np.arange(min(n_cells, 500)), precision=precision)
     base = _peak_rss_gib()
     _sync(device)
     start = time.perf_counter()
     emb = model.get_latent_representation(precision=precision)
     _sync(device)
     seconds = time.perf_counter() - start
+    if clusters:  # not timed: which GMVAE branch each cell took
+        clusters = model.get_latent_representation(precision=precision, return_cluster_probs=True).argmax(1)
     queue.put({"seconds": seconds, "peak_rss_gib": _peak_rss_gib(), "rss_before_gib": base,
-               "embedding": emb})
+               "embedding": emb, "clusters": clusters})
 
 
 def _in_subprocess(target, *args):
@@ -183,7 +187,7 @@ def main() -> int:
         for n in args.sizes:
             row = {"cells": n}
             ours = _in_subprocess(_run_ours, prefix, n, args.genes, vocabulary, args.threads, "32",
-                                  args.device)
+                                  args.device, args.bf16)
             row["ours"] = ours
             if not args.skip_official:
                 official = _in_subprocess(_run_official, tmp, "paper", n, args.genes, vocabulary,
@@ -192,10 +196,15 @@ def main() -> int:
                 row["max_abs_diff"] = float(np.abs(ours["embedding"] - official["embedding"]).max())
             if args.bf16:
                 bf = _in_subprocess(_run_ours, prefix, n, args.genes, vocabulary, args.threads, "bf16",
-                                    args.device)
+                                    args.device, True)
                 a, b = ours["embedding"], bf["embedding"]
                 cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
                 bf["cosine_min"], bf["cosine_mean"] = float(cos.min()), float(cos.mean())
+                # the GMVAE embeds each cell through its most likely cluster: at a near-tie bf16
+                # rounding can pick the other one, a jump, not an accumulated error
+                same = bf.pop("clusters") == ours.pop("clusters")
+                bf["cluster_flips"] = float(1 - same.mean())
+                bf["cosine_min_same_cluster"] = float(cos[same].min()) if same.any() else float("nan")
                 row["bf16"] = bf
             rows.append(row)
             _print_row(row, flops, peak)
@@ -227,7 +236,9 @@ def _print_row(row: dict, flops: float, peak: dict) -> None:
         if "bf16" in row:
             line += f", bf16 x{row['official']['seconds'] / row['bf16']['seconds']:.2f}"
     if "bf16" in row:
-        line += f", bf16 cosine min {row['bf16']['cosine_min']:.5f}"
+        bf = row["bf16"]
+        line += (f", bf16 cosine min {bf['cosine_min']:.5f} (cells with the same GMVAE cluster "
+                 f"{bf['cosine_min_same_cluster']:.5f}; {100 * bf['cluster_flips']:.1f}% changed cluster)")
     print(line, flush=True)
 
 
