@@ -91,6 +91,12 @@ class CellPLM(BaseModelClass):
     gene_likelihood
         ``"nb"`` (raw counts; the paper's pretraining) or ``"gaussian"`` for normalised,
         non-count values (e.g. in-situ measurements); NB on non-count data is an error.
+    center_input
+        Embed ``log1p(x)`` minus each gene's mean over the registered cells (over the cells of
+        the datasets that measured it), with masked entries reading as that mean. Use it to train
+        from scratch on dense data (MERFISH panels, in-situ values, deep counts), where the
+        uncentred embedding collapses all cells onto one token (see
+        :class:`~scvi_cellplm.module.CellPLMModule`). ``False``: the official embedder.
     **module_kwargs
         Passed to :class:`~scvi_cellplm.module.CellPLMModule` (e.g. ``kl_free_bits``).
 
@@ -127,6 +133,7 @@ class CellPLM(BaseModelClass):
         n_dataset_embeddings: int = 0,
         batch_in_decoder: bool = True,
         gene_likelihood: Literal["nb", "gaussian"] = "nb",
+        center_input: bool = False,
         **module_kwargs,
     ) -> None:
         super().__init__(adata)
@@ -167,6 +174,11 @@ class CellPLM(BaseModelClass):
             dataset_gene_mask = torch.as_tensor(_measured_genes(self.adata_manager))
             if not n_dataset_embeddings:
                 n_dataset_embeddings = int(dataset_gene_mask.shape[0])
+        center = {}  # (module_kwargs stays as given: it is saved with the init parameters)
+        if center_input:
+            center["input_center"] = _vocabulary_center(
+                _log1p_means(self.adata_manager, dataset_gene_mask), gene_index, len(self.gene_vocabulary)
+            )
         self.module = self._module_cls(
             n_input=self.summary_stats.n_vars,
             n_genes=len(self.gene_vocabulary),
@@ -187,6 +199,7 @@ class CellPLM(BaseModelClass):
             dropout=dropout,
             gene_likelihood=gene_likelihood,
             dataset_gene_mask=dataset_gene_mask,
+            **center,
             **module_kwargs,
         )
         config = {
@@ -980,6 +993,40 @@ def _measured_genes(adata_manager: AnnDataManager) -> np.ndarray:
         rows = x[codes == d]
         mask[d] = rows.getnnz(axis=0) > 0
     return mask
+
+
+def _log1p_means(adata_manager: AnnDataManager, dataset_gene_mask: torch.Tensor | None) -> np.ndarray:
+    """Mean ``log1p`` value of each registered gene over the cells whose dataset measured it
+    (all cells without datasets), read ``READ_CHUNK_CELLS`` rows at a time."""
+    x = adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+    n_obs, n_vars = x.shape
+    codes = None
+    if dataset_gene_mask is not None:
+        codes = np.asarray(adata_manager.get_from_registry(REGISTRY_KEYS.DATASET_KEY)).ravel()
+        mask = np.asarray(dataset_gene_mask, dtype=bool)
+    total = np.zeros(n_vars)
+    count = np.zeros(n_vars)
+    for start in range(0, n_obs, READ_CHUNK_CELLS):
+        rows = np.arange(start, min(start + READ_CHUNK_CELLS, n_obs))
+        block = _read_log1p(x, rows)
+        if codes is None:
+            total += np.asarray(block.sum(0), dtype=np.float64).ravel()
+            count += len(rows)
+            continue
+        measured = mask[codes[rows]]  # (rows, genes): only measured entries count
+        total += np.asarray(block.multiply(measured).sum(0), dtype=np.float64).ravel()
+        count += measured.sum(0)
+    return (total / np.maximum(count, 1)).astype(np.float32)
+
+
+def _vocabulary_center(column_center: np.ndarray, gene_index: torch.Tensor | None, n_genes: int) -> torch.Tensor:
+    """Column centres placed on their vocabulary rows (0 for vocabulary genes not registered)."""
+    if gene_index is None:
+        return torch.as_tensor(column_center)
+    index = np.asarray(gene_index)
+    center = np.zeros(n_genes, dtype=np.float32)
+    center[index[index >= 0]] = column_center[index >= 0]
+    return torch.as_tensor(center)
 
 
 WINDOW_PCA_CELLS = 20_000

@@ -83,6 +83,15 @@ class CellPLMModule(BaseModuleClass):
         With ``dataset_gene_mask``: ``True`` (default) embeds every cell from the genes measured by
         all datasets; ``False`` embeds each cell from all its genes (its unmeasured genes must be
         zero), as pretraining on a corpus of datasets with different (even disjoint) panels needs.
+    input_center
+        ``(n_genes,)`` centre of ``log1p(x)`` per vocabulary gene (e.g. its mean over the training
+        cells), or ``None`` (the official embedder: no centring). When given, cells are embedded from
+        ``log1p(x) - input_center`` and masked entries carry the centre (no deviation) instead of
+        a zero. Needed to train from scratch on dense data (MERFISH, in-situ values, deep
+        counts): uncentred, every gene is present in every cell, so each cell's token is one
+        common vector plus a small cell-specific part, the gene table's gradients all point the
+        same way and training collapses the tokens (and the latent) onto one point; masking
+        to zero then dominates what is left. Saved with the model (a buffer).
     """
 
     def __init__(
@@ -113,6 +122,7 @@ class CellPLMModule(BaseModuleClass):
         gene_likelihood: Literal["nb", "gaussian"] = "nb",
         dataset_gene_mask: torch.Tensor | None = None,
         embed_shared_genes: bool = True,
+        input_center: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if gene_likelihood not in ("nb", "gaussian"):
@@ -130,6 +140,16 @@ class CellPLMModule(BaseModuleClass):
             if gene_index.shape != (n_input,) or int(gene_index.max()) >= n_genes:
                 raise ValueError("`gene_index` must hold one vocabulary row (or -1) per input gene.")
         self.register_buffer("gene_index", gene_index)
+        if input_center is not None:
+            input_center = torch.as_tensor(input_center, dtype=torch.float32)
+            if input_center.shape != (n_genes,) or not torch.isfinite(input_center).all():
+                raise ValueError("`input_center` must hold one finite value per vocabulary gene.")
+            if dataset_gene_mask is not None and not embed_shared_genes:
+                raise ValueError(
+                    "`input_center` needs `embed_shared_genes=True` with `dataset_gene_mask` "
+                    "(genes a dataset did not measure would read as below the centre)."
+                )
+        self.register_buffer("input_center", input_center)
         self.n_input, self.n_genes = n_input, n_genes
         self.n_latent = n_latent
         self.latent_distribution = latent_distribution
@@ -187,6 +207,13 @@ class CellPLMModule(BaseModuleClass):
 
     # ---------------------------------------------------------------- pieces
     @property
+    def input_column_center(self) -> torch.Tensor | None:
+        """``input_center`` of each input column (0 for columns outside the vocabulary)."""
+        if self.input_center is None or self.gene_index is None:
+            return self.input_center
+        return self.input_center[self.gene_index.clamp(min=0)] * (self.gene_index >= 0)
+
+    @property
     def input_gene_mask(self) -> torch.Tensor | None:
         """Input genes that are in the vocabulary (``None`` when all are)."""
         return None if self.gene_index is None else self.gene_index >= 0
@@ -204,8 +231,12 @@ class CellPLMModule(BaseModuleClass):
         ``token_offset`` ``(n_cells, n_hidden)`` is added to the cell tokens before attention (e.g.
         a perturbation embedding, see :class:`~scvi_cellplm.module.CellPLMPerturbationModule`).
         """
+        center = self.input_column_center
         if input_mask is not None:
-            x = _dense(x).masked_fill(input_mask, 0.0)
+            if center is None:
+                x = _dense(x).masked_fill(input_mask, 0.0)
+            else:  # a hidden entry reads as the centre: no deviation, rather than "not expressed"
+                x = torch.where(input_mask, torch.expm1(center).to(x.dtype), _dense(x))
         positional = None
         if self.pos_encoder is not None:
             if coords is None:
@@ -217,7 +248,7 @@ class CellPLMModule(BaseModuleClass):
         shared = None
         if self.dataset_gene_mask is not None and self.embed_shared_genes:  # genes all datasets measured
             shared = self.dataset_gene_mask.all(dim=0)
-        h = self.embedder(x, self.gene_index, positional, keep=shared)
+        h = self.embedder(x, self.gene_index, positional, keep=shared, center=center)
         if token_offset is not None:
             h = h + token_offset
         return self.encoder(h, sentence)

@@ -92,10 +92,16 @@ class GeneEmbedder(nn.Module):
         gene_index: torch.Tensor | None = None,
         positional: torch.Tensor | None = None,
         keep: torch.Tensor | None = None,
+        center: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Cell tokens ``(n_cells, n_hidden)`` from counts ``(n_cells, n_input)``; only the input
-        columns in ``keep`` (default: all) are read."""
-        h = log1p_matmul(x, self.table_for(gene_index, keep))
+        columns in ``keep`` (default: all) are read. ``center`` ``(n_input,)``: embed
+        ``log1p(x) - center`` (computed as ``log1p(x) @ table - center @ table``, so sparse input
+        stays sparse)."""
+        table = self.table_for(gene_index, keep)
+        h = log1p_matmul(x, table)
+        if center is not None:
+            h = h - center.to(table.dtype) @ table
         if positional is not None:
             h = h + positional
         if torch.is_grad_enabled():

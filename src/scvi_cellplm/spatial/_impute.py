@@ -146,7 +146,7 @@ def impute_genes(
     model_kwargs, train_kwargs
         Passed to :class:`~scvi_cellplm.CellPLM` and its ``train``, over the defaults measured
         in ``benchmarks/spatial_imputation.py``: a plain VAE latent, sentences of at most 500
-        cells, KL weight 0.01 and, with a positional encoding, coordinates hidden from half of
+        cells, centred input (``center_input=True``), KL weight 0.01 and, with a positional encoding, coordinates hidden from half of
         the training sentences (``drop_position_rate=0.5``) so spatial and reference cells share
         one latent space.
 
@@ -171,7 +171,10 @@ def impute_genes(
         warnings.filterwarnings("ignore", message=".*non-integer values.*")
         CellPLM.setup_anndata(joint, sample_key=SAMPLE_COLUMN, dataset_key=DATASET_COLUMN,
                               spatial_key=spatial_key)
-    model_kwargs = {"latent_distribution": "vae", "max_cells_per_batch": 500, **(model_kwargs or {})}
+    # centred input: panels are dense (every gene in every cell), where the uncentred embedding
+    # collapses all cells onto one token and the imputation onto the mean profile
+    model_kwargs = {"latent_distribution": "vae", "max_cells_per_batch": 500, "center_input": True,
+                    **(model_kwargs or {})}
     model = CellPLM(joint, gene_likelihood=gene_likelihood, positional_encoding=positional_encoding,
                     **model_kwargs)
     train_kwargs = {"enable_progress_bar": False, **(train_kwargs or {})}
