@@ -14,7 +14,8 @@ for (a) kNN-in-expression transfer from the reference (SpaGE-like: z-scored shar
 neighbours), (b) CellPLM with ``positional_encoding="none"``, (c) CellPLM with the sinusoidal
 encoding of the coordinates. All models are trained here, in this process, on CPU.
 
-    python benchmarks/spatial_imputation.py [--folds 5] [--epochs 100] [--json out.json]
+    python benchmarks/spatial_imputation.py [--settings bdtnp merfish] [--folds 5] [--epochs 100]
+                                            [--threads N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -135,8 +136,13 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5, help="BDTNP folds to run (of 5)")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--settings", nargs="+", choices=["bdtnp", "merfish"], default=["bdtnp", "merfish"],
+                        help="settings to run (default: both)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not DATA.is_dir():
         raise SystemExit(f"needs the shared data folder {DATA}")
     warnings.filterwarnings("ignore")
@@ -144,8 +150,11 @@ def main() -> None:
     logging.getLogger("scvi").setLevel(logging.ERROR)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    tables = {"BDTNP Drosophila (in-situ, 3-D)": bdtnp(args.folds, args.epochs, args.seed),
-              "MERFISH U-2 OS (counts)": merfish(args.epochs, args.seed)}
+    tables = {}
+    if "bdtnp" in args.settings:
+        tables["BDTNP Drosophila (in-situ, 3-D)"] = bdtnp(args.folds, args.epochs, args.seed)
+    if "merfish" in args.settings:
+        tables["MERFISH U-2 OS (counts)"] = merfish(args.epochs, args.seed)
     print(f"\nSpatial imputation, mean over genes (BDTNP: {args.folds} fold(s) of 20% of the genes; "
           f"MERFISH: 100 genes); {args.epochs} epochs; {torch.get_num_threads()} CPU threads; "
           f"{time.perf_counter() - start:.0f} s")

@@ -146,9 +146,10 @@ def impute_genes(
     model_kwargs, train_kwargs
         Passed to :class:`~scvi_cellplm.CellPLM` and its ``train``, over the defaults measured
         in ``benchmarks/spatial_imputation.py``: a plain VAE latent, sentences of at most 500
-        cells, centred input (``center_input=True``), KL weight 0.01 and, with a positional encoding, coordinates hidden from half of
-        the training sentences (``drop_position_rate=0.5``) so spatial and reference cells share
-        one latent space.
+        cells, centred input (``center_input=True``: dense panels collapse without it), KL weight
+        0.01 and, with a positional encoding, coordinates hidden from half of the training
+        sentences (``drop_position_rate=0.5``) so spatial and reference cells share one latent
+        space.
 
     Returns
     -------
