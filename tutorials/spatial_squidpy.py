@@ -176,9 +176,11 @@ ax.set_ylabel("CellPLM: r per gene")
 plt.show()
 
 # %% [markdown]
-# Be aware: on these data, a small CellPLM trained from scratch does **not** impute better than
-# the kNN transfer (see the benchmark in {doc}`/user_guide/spatial`); U-2 OS is a homogeneous
-# cell line and 645 reference cells are few. Spatial imputation is experimental in this release.
+# Be aware: on these data and with this short training (60 epochs), a small CellPLM trained from
+# scratch comes close to the kNN transfer but does not beat it (at the time of writing r 0.23
+# against 0.24); in the benchmark of {doc}`/user_guide/spatial` longer training (200 epochs)
+# puts it ahead. U-2 OS is a homogeneous cell line and 645 reference cells are few. Spatial
+# imputation is experimental in this release.
 #
 # The best-imputed gene, measured and imputed, in space:
 
