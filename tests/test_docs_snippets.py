@@ -75,7 +75,9 @@ def _namespace(page: Path, tmp_path: Path) -> dict:
     import h5py
 
     namespace = {"anndata": ad, "np": np, "scvi_cellplm": scvi_cellplm, "CellPLM": CellPLM}
-    adata = _pancreas()
+    pancreas = _pancreas()
+    _official_checkpoint(pancreas)
+    adata = pancreas.copy()
     if page.name == "spatial.md":
         adata = scvi_cellplm.datasets.merfish_u2os_demo()
         adata.obs["section"] = adata.obs["batch"]
@@ -94,7 +96,6 @@ def _namespace(page: Path, tmp_path: Path) -> dict:
         namespace["h5py_dataset"] = h5py.File(tmp_path / "z.h5", "w").create_dataset(
             "z", (adata.n_obs, TINY["n_latent"]), "f4"
         )
-    _official_checkpoint(_pancreas())
     namespace["adata"] = adata
     return namespace
 

@@ -13,7 +13,7 @@ from .._constants import MODULE_KEYS, REGISTRY_KEYS, SENTENCE_KEY
 from ._norm import Norm
 from .attention import AttentionKind
 from .decoder import NBDecoder
-from .embedder import GeneEmbedder
+from .embedder import GeneEmbedder, csr_row_chunks
 from .encoder import CellEncoder
 from .latent import LatentDistribution, make_latent
 from .positional import PositionalEncoding, PositionalEncodingKind
@@ -404,14 +404,11 @@ def _row_sum(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     if x.layout == torch.strided:
         return (x if keep is None else x[:, keep]).sum(dim=1)
     x = x if x.layout == torch.sparse_csr else x.to_sparse_csr()
-    crow, col, values = x.crow_indices(), x.col_indices(), x.values()
+    col, values = x.col_indices(), x.values()
     total = values.new_zeros(x.shape[0])
-    for start in range(0, x.shape[0], LATENT_CHUNK):  # temporaries bounded by a chunk's entries
-        stop = min(start + LATENT_CHUNK, x.shape[0])
-        lo, hi = int(crow[start]), int(crow[stop])
-        part = values[lo:hi] if keep is None else values[lo:hi] * keep[col[lo:hi]].to(values.dtype)
-        rows = torch.repeat_interleave(torch.arange(start, stop, device=x.device), crow[start : stop + 1].diff())
-        total.index_add_(0, rows, part)
+    for start, stop, entries, rows in csr_row_chunks(x, LATENT_CHUNK):
+        part = values[entries] if keep is None else values[entries] * keep[col[entries]].to(values.dtype)
+        total[start:stop].index_add_(0, rows, part)
     return total
 
 

@@ -175,7 +175,7 @@ class FlowAttention(_Projections):
 
 
 class InferenceWorkspace:
-    """What the blocks of one inference call share: the ``q``/``k``/``v`` buffers (fresh large
+    """What the blocks of one inference call share: the ``q``/``k`` buffers (fresh large
     allocations cost a page fault per 4 KiB on first touch) and, under autocast, the weights cast
     once to the autocast type (autocast would cast them again for every chunk)."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,20 @@ DENSE_DENSITY = 0.05
 CHUNK_CELLS = 4096
 
 
+def csr_row_chunks(x: torch.Tensor, chunk: int) -> Iterator[tuple[int, int, slice, torch.Tensor]]:
+    """Row chunks of a CSR tensor: ``(start, stop, entries, rows)`` for rows ``start:stop``, where
+    ``entries`` slices their values/column indices and ``rows`` is each entry's row within the
+    chunk (temporaries bounded by one chunk's entries)."""
+    crow = x.crow_indices()
+    for start in range(0, x.shape[0], chunk):
+        stop = min(start + chunk, x.shape[0])
+        entries = slice(int(crow[start]), int(crow[stop]))
+        rows = torch.repeat_interleave(
+            torch.arange(stop - start, device=x.device), crow[start : stop + 1].diff()
+        )
+        yield start, stop, entries, rows
+
+
 def _log1p_matmul(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     if x.layout == torch.strided:
         return torch.log1p(x) @ table
@@ -32,17 +48,14 @@ def _log1p_matmul(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     n_rows, n_cols = x.shape
     if x.values().numel() < DENSE_DENSITY * max(n_rows * n_cols, 1):
         return torch.sparse.mm(torch.log1p(x), table)
-    crow, col, val = x.crow_indices(), x.col_indices(), x.values()
+    col, val = x.col_indices(), x.values()
     inplace = not torch.is_grad_enabled()
     out = table.new_empty(n_rows, table.shape[1]) if inplace else None
     chunks = []
-    for start in range(0, n_rows, CHUNK_CELLS):  # bounded memory: one dense chunk at a time
-        stop = min(start + CHUNK_CELLS, n_rows)
-        lo, hi = int(crow[start]), int(crow[stop])
-        counts = crow[start + 1 : stop + 1] - crow[start:stop]
-        rows = torch.repeat_interleave(torch.arange(stop - start, device=x.device), counts)
+    # bounded memory: one dense chunk at a time
+    for start, stop, entries, rows in csr_row_chunks(x, CHUNK_CELLS):
         dense = table.new_zeros(stop - start, n_cols)
-        dense[rows, col[lo:hi]] = torch.log1p(val[lo:hi])
+        dense[rows, col[entries]] = torch.log1p(val[entries])
         if inplace:
             torch.mm(dense, table, out=out[start:stop])
         else:
