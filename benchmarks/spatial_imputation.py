@@ -12,7 +12,8 @@ Two settings on the real data in ``../shared/data``:
 For each, per-gene Pearson correlation and cosine similarity with the truth (averaged over genes)
 for (a) kNN-in-expression transfer from the reference (SpaGE-like: z-scored shared genes, 10
 neighbours), (b) CellPLM with ``positional_encoding="none"``, (c) CellPLM with the sinusoidal
-encoding of the coordinates. All models are trained here, in this process, on CPU.
+encoding of the coordinates, and (d) (c) with the neighbourhood layer (each cell's token mixed with
+its 8 nearest cells', ``n_spatial_neighbors=8``). All models are trained here, in this process, on CPU.
 
     python benchmarks/spatial_imputation.py [--settings bdtnp merfish] [--folds 5] [--epochs 100]
                                             [--threads N] [--json out.json]
@@ -35,6 +36,13 @@ from sklearn.neighbors import NearestNeighbors
 from scvi_cellplm.spatial import impute_genes
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+MODELS = (  # name, positional encoding, model kwargs
+    ("CellPLM, no positions", "none", {}),
+    ("CellPLM, positions", "sinusoidal", {}),
+    ("CellPLM, positions + kNN", "sinusoidal", {"n_spatial_neighbors": 8}),
+)
 
 
 def gene_scores(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
@@ -71,17 +79,17 @@ def bdtnp(folds: int, epochs: int, seed: int) -> dict[str, list[tuple[float, flo
     reference = reference[:, keep].copy()
     genes = np.asarray(spatial.var_names)
     order = np.random.default_rng(seed).permutation(len(genes))
-    results: dict[str, list] = {"kNN transfer": [], "CellPLM, no positions": [], "CellPLM, positions": []}
+    results: dict[str, list] = {"kNN transfer": [], **{name: [] for name, _, _ in MODELS}}
     for fold, hidden in enumerate(np.array_split(genes[order], 5)[:folds]):
         panel = spatial[:, ~spatial.var_names.isin(hidden)].copy()
         truth = _dense(spatial[:, hidden].X)
         shared = list(panel.var_names)
         knn = knn_transfer(_dense(panel.X), _dense(reference[:, shared].X), _dense(reference[:, hidden].X))
         results["kNN transfer"].append(gene_scores(knn, truth))
-        for name, pe in (("CellPLM, no positions", "none"), ("CellPLM, positions", "sinusoidal")):
+        for name, pe, extra in MODELS:
             pred, _ = impute_genes(panel, reference, genes=list(hidden), gene_likelihood="gaussian",
                                    positional_encoding=pe, max_epochs=epochs, key_added=None,
-                                   train_kwargs={"seed": seed})
+                                   model_kwargs=extra, train_kwargs={"seed": seed})
             results[name].append(gene_scores(pred.to_numpy(), truth))
         print(f"  BDTNP fold {fold + 1}/{folds}: "
               + ", ".join(f"{k} r={v[-1][0]:.3f}" for k, v in results.items()), flush=True)
@@ -121,10 +129,10 @@ def merfish(epochs: int, seed: int, n_panel: int = 300, n_hidden: int = 100) -> 
         _log_normalised(_dense(reference[:, hidden].X), ref_lib),
     )
     results = {"kNN transfer": [gene_scores(knn, truth)]}
-    for name, pe in (("CellPLM, no positions", "none"), ("CellPLM, positions", "sinusoidal")):
+    for name, pe, extra in MODELS:
         pred, _ = impute_genes(panel, reference, genes=hidden, gene_likelihood="nb",
                                positional_encoding=pe, sample_key="batch", max_epochs=epochs,
-                               key_added=None, train_kwargs={"seed": seed})
+                               key_added=None, model_kwargs=extra, train_kwargs={"seed": seed})
         # imputed counts are at each cell's panel library: same normalisation as the truth
         results[name] = [gene_scores(_log_normalised(pred.to_numpy(), panel_lib), truth)]
     print("  MERFISH: " + ", ".join(f"{k} r={v[-1][0]:.3f}" for k, v in results.items()), flush=True)

@@ -16,6 +16,7 @@ from .decoder import NBDecoder
 from .embedder import GeneEmbedder, csr_row_chunks
 from .encoder import CellEncoder
 from .latent import LatentDistribution, make_latent
+from .neighbourhood import NeighbourhoodAttention
 from .positional import PositionalEncoding, PositionalEncodingKind
 
 LATENT_CHUNK = 4096
@@ -83,6 +84,12 @@ class CellPLMModule(BaseModuleClass):
         With ``dataset_gene_mask``: ``True`` (default) embeds every cell from the genes measured by
         all datasets; ``False`` embeds each cell from all its genes (its unmeasured genes must be
         zero), as pretraining on a corpus of datasets with different (even disjoint) panels needs.
+    n_spatial_neighbors
+        With coordinates: each cell's token becomes a learned weighted average of its own and
+        its ``n_spatial_neighbors`` nearest cells' tokens (within its sentence) before the
+        sentence-wide transformer, in a :class:`~.neighbourhood.NeighbourhoodAttention` layer
+        (local tissue context that linear attention cannot single out). ``0`` (default, the
+        official architecture): no such layer.
     input_center
         ``(n_genes,)`` centre of ``log1p(x)`` per vocabulary gene (e.g. its mean over the training
         cells), or ``None`` (the official embedder: no centring). When given, cells are embedded from
@@ -123,6 +130,7 @@ class CellPLMModule(BaseModuleClass):
         dataset_gene_mask: torch.Tensor | None = None,
         embed_shared_genes: bool = True,
         input_center: torch.Tensor | None = None,
+        n_spatial_neighbors: int = 0,
     ) -> None:
         super().__init__()
         if gene_likelihood not in ("nb", "gaussian"):
@@ -164,6 +172,11 @@ class CellPLMModule(BaseModuleClass):
             None
             if positional_encoding == "none"
             else PositionalEncoding(n_hidden, n_dims=n_spatial_dims, kind=positional_encoding)
+        )
+        self.neighbourhood = (
+            NeighbourhoodAttention(n_hidden, n_spatial_neighbors)
+            if n_spatial_neighbors
+            else None
         )
         self.encoder = CellEncoder(n_hidden, n_layers, n_heads, attention=attention, dropout=dropout)
         self.latent = make_latent(latent_distribution, n_hidden, n_latent, n_clusters)
@@ -238,12 +251,13 @@ class CellPLMModule(BaseModuleClass):
             else:  # a hidden entry reads as the centre: no deviation, rather than "not expressed"
                 x = torch.where(input_mask, torch.expm1(center).to(x.dtype), _dense(x))
         positional = None
+        if coords is None and (self.pos_encoder is not None or self.neighbourhood is not None):
+            what = (f"positional_encoding={self.positional_encoding!r}" if self.pos_encoder is not None
+                    else "n_spatial_neighbors")
+            raise ValueError(
+                f"{what} needs coordinates: register them with `setup_anndata(..., spatial_key=...)`."
+            )
         if self.pos_encoder is not None:
-            if coords is None:
-                raise ValueError(
-                    f"positional_encoding={self.positional_encoding!r} needs coordinates: "
-                    "register them with `setup_anndata(..., spatial_key=...)`."
-                )
             positional = self.pos_encoder(coords, sentence)
         shared = None
         if self.dataset_gene_mask is not None and self.embed_shared_genes:  # genes all datasets measured
@@ -251,6 +265,8 @@ class CellPLMModule(BaseModuleClass):
         h = self.embedder(x, self.gene_index, positional, keep=shared, center=center)
         if token_offset is not None:
             h = h + token_offset
+        if self.neighbourhood is not None:
+            h = self.neighbourhood(h, coords, sentence)
         return self.encoder(h, sentence)
 
     def _latent(self, h: torch.Tensor, sample: bool) -> dict[str, torch.Tensor]:
