@@ -12,8 +12,9 @@ Two settings on the real data in ``../shared/data``:
 For each, per-gene Pearson correlation and cosine similarity with the truth (averaged over genes)
 for (a) kNN-in-expression transfer from the reference (SpaGE-like: z-scored shared genes, 10
 neighbours), (b) CellPLM with ``positional_encoding="none"``, (c) CellPLM with the sinusoidal
-encoding of the coordinates, and (d) (c) with the neighbourhood layer (each cell's token mixed with
-its 8 nearest cells', ``n_spatial_neighbors=8``). All models are trained here, in this process, on CPU.
+encoding of the coordinates, (d) CellPLM with the neighbourhood layer instead (each cell's expression
+embedding averaged with its 8 nearest cells', ``n_spatial_neighbors=8``), (e) both. All models are
+trained here, in this process, on CPU.
 
     python benchmarks/spatial_imputation.py [--settings bdtnp merfish] [--folds 5] [--epochs 100]
                                             [--threads N] [--json out.json]
@@ -41,7 +42,8 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MODELS = (  # name, positional encoding, model kwargs
     ("CellPLM, no positions", "none", {}),
     ("CellPLM, positions", "sinusoidal", {}),
-    ("CellPLM, positions + kNN", "sinusoidal", {"n_spatial_neighbors": 8}),
+    ("CellPLM, neighbours", "none", {"n_spatial_neighbors": 8}),
+    ("CellPLM, positions + neighbours", "sinusoidal", {"n_spatial_neighbors": 8}),
 )
 
 

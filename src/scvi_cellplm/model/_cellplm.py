@@ -98,13 +98,11 @@ class CellPLM(BaseModelClass):
         uncentred embedding collapses all cells onto one token (see
         :class:`~scvi_cellplm.module.CellPLMModule`). ``False``: the official embedder.
     n_spatial_neighbors
-        Spatial data: each cell's token becomes a learned weighted average of its own and its
-        ``n_spatial_neighbors`` nearest cells' tokens (by coordinates, within its sentence: the
-        spatial kNN graph) before the transformer, local tissue context that sentence-wide
-        linear attention cannot single out; cells without coordinates keep their token. ``0``
-        (default; the official architecture): no such layer. Requires ``spatial_key``. On the
-        imputation benchmarks it did not improve imputation from a reference (see the spatial
-        user guide).
+        Spatial data: each cell's expression embedding becomes a learned weighted average of its
+        own and its ``n_spatial_neighbors`` nearest cells' (by coordinates, within its sentence:
+        the spatial kNN graph) before the transformer, local tissue context that sentence-wide
+        linear attention cannot single out; cells without coordinates keep their own. ``0``
+        (default; the official architecture): no such layer. Requires ``spatial_key``.
     **module_kwargs
         Passed to :class:`~scvi_cellplm.module.CellPLMModule` (e.g. ``kl_free_bits``).
 

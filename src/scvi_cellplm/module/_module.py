@@ -85,11 +85,12 @@ class CellPLMModule(BaseModuleClass):
         all datasets; ``False`` embeds each cell from all its genes (its unmeasured genes must be
         zero), as pretraining on a corpus of datasets with different (even disjoint) panels needs.
     n_spatial_neighbors
-        With coordinates: each cell's token becomes a learned weighted average of its own and
-        its ``n_spatial_neighbors`` nearest cells' tokens (within its sentence) before the
-        sentence-wide transformer, in a :class:`~.neighbourhood.NeighbourhoodAttention` layer
-        (local tissue context that linear attention cannot single out). ``0`` (default, the
-        official architecture): no such layer.
+        With coordinates: each cell's expression embedding (``log1p(x) @ gene table``, before
+        the token MLP) becomes a learned weighted average of its own and its
+        ``n_spatial_neighbors`` nearest cells' (within its sentence), in a
+        :class:`~.neighbourhood.NeighbourhoodAttention` layer: local tissue context that
+        sentence-wide linear attention cannot single out. ``0`` (default, the official
+        architecture): no such layer.
     input_center
         ``(n_genes,)`` centre of ``log1p(x)`` per vocabulary gene (e.g. its mean over the training
         cells), or ``None`` (the official embedder: no centring). When given, cells are embedded from
@@ -262,11 +263,12 @@ class CellPLMModule(BaseModuleClass):
         shared = None
         if self.dataset_gene_mask is not None and self.embed_shared_genes:  # genes all datasets measured
             shared = self.dataset_gene_mask.all(dim=0)
-        h = self.embedder(x, self.gene_index, positional, keep=shared, center=center)
+        h = self.embedder.expression(x, self.gene_index, keep=shared, center=center)
+        if self.neighbourhood is not None:  # mixed in the linear expression space
+            h = self.neighbourhood(h, coords, sentence)
+        h = self.embedder.tokens(h, positional)
         if token_offset is not None:
             h = h + token_offset
-        if self.neighbourhood is not None:
-            h = self.neighbourhood(h, coords, sentence)
         return self.encoder(h, sentence)
 
     def _latent(self, h: torch.Tensor, sample: bool) -> dict[str, torch.Tensor]:

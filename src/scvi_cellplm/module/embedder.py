@@ -107,14 +107,30 @@ class GeneEmbedder(nn.Module):
         keep: torch.Tensor | None = None,
         center: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Cell tokens ``(n_cells, n_hidden)`` from counts ``(n_cells, n_input)``; only the input
-        columns in ``keep`` (default: all) are read. ``center`` ``(n_input,)``: embed
+        """Cell tokens ``(n_cells, n_hidden)`` from counts ``(n_cells, n_input)``:
+        :meth:`tokens` of :meth:`expression`."""
+        return self.tokens(self.expression(x, gene_index, keep, center), positional)
+
+    def expression(
+        self,
+        x: torch.Tensor,
+        gene_index: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+        center: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``log1p(x) @ gene table`` ``(n_cells, n_hidden)``, linear in the log expression; only
+        the input columns in ``keep`` (default: all) are read. ``center`` ``(n_input,)``: embed
         ``log1p(x) - center`` (computed as ``log1p(x) @ table - center @ table``, so sparse input
         stays sparse)."""
         table = self.table_for(gene_index, keep)
         h = log1p_matmul(x, table)
         if center is not None:
             h = h - center.to(table.dtype) @ table
+        return h
+
+    def tokens(self, h: torch.Tensor, positional: torch.Tensor | None = None) -> torch.Tensor:
+        """Cell tokens from :meth:`expression` (plus the positional encoding): projection, ReLU,
+        dropout, norm. Without autograd ``h`` is overwritten."""
         if positional is not None:
             h = h + positional
         if torch.is_grad_enabled():

@@ -1,11 +1,13 @@
-"""Neighbourhood attention: each cell attends to itself and its nearest cells in the tissue.
+"""Neighbourhood attention: each cell reads itself and its nearest cells in the tissue.
 
 The sentence-wide transformer sees positions only through the positional encoding, and linear
 (Flowformer) attention cannot single out the few cells next to a cell. This layer gives the
-model that local context directly: each cell's token is updated from the tokens of its ``k``
-nearest cells (by coordinates, within its own sentence), as in a graph attention layer over the
-spatial k-nearest-neighbour graph (``squidpy.gr.spatial_neighbors(coord_type="generic",
-n_neighs=k)`` restricted to the sentence). Cells without coordinates keep their token.
+model that local context directly: each cell's expression embedding is averaged, with learned
+weights, with those of its ``k`` nearest cells (by coordinates, within its own sentence), as in
+a graph attention layer over the spatial k-nearest-neighbour graph
+(``squidpy.gr.spatial_neighbors(coord_type="generic", n_neighs=k)`` restricted to the sentence;
+computed here on the batch's tensors, because the module sees no AnnData and torch has no
+nearest-neighbour search). Cells without coordinates keep their embedding.
 """
 
 from __future__ import annotations
@@ -63,15 +65,15 @@ def sentence_knn(
 
 
 class NeighbourhoodAttention(nn.Module):
-    """Each cell's token becomes a weighted average of its own and its nearest cells' tokens.
+    """Each cell's vector becomes a weighted average of its own and its nearest cells' vectors.
 
     Weights are a softmax over the cell itself and its ``n_neighbors`` nearest cells of scores
     from learned query/key projections plus a learned bias per neighbour rank (self, nearest,
-    second nearest, ...). The update is convex (no value or output projection): a token stays
-    among the tokens of real cells, so the tokens of spatial cells remain comparable with those
-    of cells without positions (a dissociated reference, which attend only to themselves and keep
-    their token), which is what imputation from a reference needs. Initially a cell keeps about
-    half of its own token.
+    second nearest, ...). The update is convex (no value or output projection): applied to the
+    linear expression embedding (:meth:`~.embedder.GeneEmbedder.expression`), a spatial cell's
+    vector stays the embedding of a log-expression profile (a local average), comparable with
+    those of cells without positions (a dissociated reference, whose cells keep their own), which
+    is what imputation from a reference needs. Initially a cell keeps about half of its own.
     """
 
     def __init__(self, n_hidden: int, n_neighbors: int, n_key: int = 32) -> None:
@@ -87,7 +89,7 @@ class NeighbourhoodAttention(nn.Module):
         self.rank_bias = nn.Parameter(bias)
 
     def forward(self, h: torch.Tensor, coords: torch.Tensor | None, sentence: torch.Tensor) -> torch.Tensor:
-        """Tokens ``(n_cells, n_hidden)`` mixed with their neighbourhoods (a new tensor)."""
+        """Vectors ``(n_cells, n_hidden)`` mixed with their neighbourhoods (a new tensor)."""
         if coords is None:
             return h
         return self.mix(h, *self.weights(h, coords, sentence))
