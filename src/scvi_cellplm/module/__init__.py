@@ -8,6 +8,7 @@ from .embedder import GeneEmbedder
 from .encoder import CellEncoder
 from .latent import GMVAELatent, VAELatent
 from .masking import sample_input_mask, sample_kept_cells
+from .neighbourhood import NeighbourhoodAttention
 from .positional import PositionalEncoding, normalize_coordinates
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "GMVAELatent",
     "GeneEmbedder",
     "NBDecoder",
+    "NeighbourhoodAttention",
     "PositionalEncoding",
     "SoftmaxAttention",
     "VAELatent",

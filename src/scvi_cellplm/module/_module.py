@@ -88,7 +88,7 @@ class CellPLMModule(BaseModuleClass):
         With coordinates: each cell's expression embedding (``log1p(x) @ gene table``, before
         the token MLP) becomes a learned weighted average of its own and its
         ``n_spatial_neighbors`` nearest cells' (within its sentence), in a
-        :class:`~.neighbourhood.NeighbourhoodAttention` layer: local tissue context that
+        :class:`~scvi_cellplm.module.NeighbourhoodAttention` layer: local tissue context that
         sentence-wide linear attention cannot single out. ``0`` (default, the official
         architecture): no such layer.
     input_center
