@@ -71,31 +71,41 @@ class FlowAttention(_Projections):
         return t @ diag + self.eps * per_head[:, None, :]
 
     def _flows(
-        self, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, chunk: int | None = None
+        self, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, chunk: int | None = None,
+        sums: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token ``(b, l, heads)`` competition and output scale (``sink_in * allocation``)
         from the sigmoid queries and keys (zero at padding).
 
         Always float32 (also when ``q``/``k`` are bf16 under autocast), ``chunk`` positions at a
-        time (default: all at once).
+        time (default: all at once). ``sums``: the float32 ``(q_sum, k_sum)`` over each sentence,
+        when the caller already has them.
         """
         length = q.shape[1]
         spans = [slice(s, s + (chunk or length)) for s in range(0, length, chunk or max(length, 1))]
         with torch.autocast(q.device.type, enabled=False):
             n_keys = valid.sum(dim=1).float()[:, None, None]  # keys per sentence, (b, 1, 1)
             # incoming and outgoing flow
-            if q.dtype == torch.float32:
+            if sums is not None:
+                q_sum, k_sum = sums
+            elif q.dtype == torch.float32:
                 k_sum, q_sum = k.sum(dim=1), q.sum(dim=1)
             else:  # per chunk: a float32 reduction over a strided low-precision tensor is slow
                 k_sum = sum(k[:, s].float().sum(dim=1) for s in spans)
                 q_sum = sum(q[:, s].float().sum(dim=1) for s in spans)
-            sink_in = torch.cat([1.0 / self._dot(q[:, s].float(), k_sum) for s in spans], 1)
-            source_out = torch.cat([1.0 / self._dot(k[:, s].float(), q_sum) for s in spans], 1)
-            # conservation refinement
-            k_out = sum(self._head_sums(k[:, s].float(), source_out[:, s]) for s in spans)
-            q_in = sum(self._head_sums(q[:, s].float(), sink_in[:, s]) for s in spans)
-            sink = torch.cat([self._dot(q[:, s].float(), k_out) for s in spans], 1)
-            source = torch.cat([self._dot(k[:, s].float(), q_in) for s in spans], 1)
+            # conservation refinement; each chunk made float once per pass (bf16: a copy)
+            sink_in, q_in, k_out = [], 0.0, 0.0
+            for s in spans:
+                qs, ks = q[:, s].float(), k[:, s].float()
+                sink_in.append(1.0 / self._dot(qs, k_sum))
+                q_in = q_in + self._head_sums(qs, sink_in[-1])
+                k_out = k_out + self._head_sums(ks, 1.0 / self._dot(ks, q_sum))  # source_out
+            sink_in = torch.cat(sink_in, 1)
+            sink, source = [], []
+            for s in spans:
+                sink.append(self._dot(q[:, s].float(), k_out))
+                source.append(self._dot(k[:, s].float(), q_in))
+            sink, source = torch.cat(sink, 1), torch.cat(source, 1)
             source = source.clamp(min=-1.0, max=1.0)
             # competition (softmax over the sentence's keys) and allocation
             if not bool(valid.all()):
@@ -137,16 +147,20 @@ class FlowAttention(_Projections):
         n_heads, d = self.n_heads, hidden // self.n_heads
         q, k = ws.qk(x)
         flat = [t.view(-1, hidden) for t in (x, q, k)]  # token-wise: any sentence layout
+        # low precision, one sentence: the flows' float32 sums taken while q/k chunks are in cache
+        sums = [0.0, 0.0] if q.dtype != torch.float32 and b == 1 else None
         for start in range(0, b * length, chunk):
             rows = slice(start, start + chunk)
             h = ws.cast(norm(flat[0][rows]))
-            ws.linear(self.q_proj, h, out=flat[1][rows]).sigmoid_()
-            ws.linear(self.k_proj, h, out=flat[2][rows]).sigmoid_()
+            for i, proj in enumerate((self.q_proj, self.k_proj)):
+                ws.linear(proj, h, out=flat[i + 1][rows]).sigmoid_()
+                if sums is not None:
+                    sums[i] = sums[i] + flat[i + 1][rows].float().sum(dim=0, keepdim=True)
         if not bool(valid.all()):
             keep = valid[:, :, None].to(q.dtype)
             q.mul_(keep)
             k.mul_(keep)
-        competition, scale = self._flows(q, k, valid, chunk)
+        competition, scale = self._flows(q, k, valid, chunk, sums)
         competition, scale = competition.to(q.dtype), scale.to(q.dtype)
         cols = [slice(i * d, (i + 1) * d) for i in range(n_heads)]
         with torch.autocast(x.device.type, enabled=False):  # types explicit from here (ws.dtype)

@@ -70,8 +70,9 @@ class NeighbourhoodAttention(nn.Module):
     Weights are a softmax over the cell itself and its ``n_neighbors`` nearest cells of scores
     from learned query/key projections plus a learned bias per neighbour rank (self, nearest,
     second nearest, ...). The update is convex (no value or output projection): applied to the
-    linear expression embedding (:meth:`GeneEmbedder.expression <scvi_cellplm.module.GeneEmbedder.expression>`), a spatial cell's
-    vector stays the embedding of a log-expression profile (a local average), comparable with
+    linear expression embedding
+    (:meth:`GeneEmbedder.expression <scvi_cellplm.module.GeneEmbedder.expression>`), a spatial
+    cell's vector stays the embedding of a log-expression profile (a local average), comparable with
     those of cells without positions (a dissociated reference, whose cells keep their own), which
     is what imputation from a reference needs. Initially a cell keeps about half of its own.
     """
