@@ -81,6 +81,24 @@ def test_impute_genes_returns_requested_genes_for_spatial_cells(panel_and_refere
     assert spatial.obsm["cellplm_imputed"].shape == (spatial.n_obs, 10)
 
 
+def test_neighbourhood_imputation_mixes_spatial_cells_only(panel_and_reference):
+    """With the neighbourhood layer, spatial cells' embeddings depend on who their neighbours
+    are (coordinates permuted: they change); reference cells' (no coordinates) do not."""
+    spatial, reference = panel_and_reference
+    genes = list(reference.var_names[100:110])
+    result, model = impute_genes(spatial, reference, genes, positional_encoding="none",
+                                 n_spatial_neighbors=4, max_epochs=1, model_kwargs=TINY)
+    assert result.shape == (spatial.n_obs, 10) and np.isfinite(result.to_numpy()).all()
+    joint = model.adata
+    is_ref = joint.obs[DATASET_COLUMN].to_numpy() == "reference"
+    z = model.get_latent_representation(joint)
+    moved = joint.copy()
+    moved.obsm["spatial"] = np.where(is_ref[:, None], np.nan, moved.obsm["spatial"][::-1])
+    z_moved = model.get_latent_representation(moved)
+    np.testing.assert_allclose(z_moved[is_ref], z[is_ref], atol=1e-5)
+    assert not np.allclose(z_moved[~is_ref], z[~is_ref], atol=1e-4)
+
+
 def test_gaussian_likelihood_for_non_count_data_and_nb_refused(small_pancreas):
     small_pancreas.layers["lognorm"] = small_pancreas.layers["counts"].log1p()
     with pytest.warns(UserWarning, match="non-integer"):

@@ -113,6 +113,7 @@ def impute_genes(
     reference_sample_key: str | None = None,
     gene_likelihood: Literal["nb", "gaussian"] = "nb",
     positional_encoding: Literal["sinusoidal", "learned", "none"] = "sinusoidal",
+    n_spatial_neighbors: int = 0,
     max_epochs: int = 100,
     key_added: str | None = "cellplm_imputed",
     model_kwargs: dict | None = None,
@@ -138,7 +139,11 @@ def impute_genes(
     gene_likelihood
         ``"nb"`` for raw counts, ``"gaussian"`` for normalised values.
     positional_encoding
-        Encoding of the spatial coordinates (``"none"`` ignores positions).
+        Encoding of the spatial coordinates (``"none"``: no encoding).
+    n_spatial_neighbors
+        Neighbourhood layer (see :class:`~scvi_cellplm.CellPLM`): each spatial cell's expression
+        embedding is averaged, with learned weights, with its ``k`` nearest cells'; reference
+        cells keep their own. ``0``: no such layer.
     max_epochs
         Training epochs.
     key_added
@@ -177,7 +182,7 @@ def impute_genes(
     model_kwargs = {"latent_distribution": "vae", "max_cells_per_batch": 500, "center_input": True,
                     **(model_kwargs or {})}
     model = CellPLM(joint, gene_likelihood=gene_likelihood, positional_encoding=positional_encoding,
-                    **model_kwargs)
+                    n_spatial_neighbors=n_spatial_neighbors, **model_kwargs)
     train_kwargs = {"enable_progress_bar": False, **(train_kwargs or {})}
     train_kwargs["plan_kwargs"] = {
         "max_kl_weight": 0.01,
