@@ -39,11 +39,11 @@ from scvi_cellplm.spatial import impute_genes
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-MODELS = (  # name, positional encoding, model kwargs
-    ("CellPLM, no positions", "none", {}),
-    ("CellPLM, positions", "sinusoidal", {}),
-    ("CellPLM, neighbours", "none", {"n_spatial_neighbors": 8}),
-    ("CellPLM, positions + neighbours", "sinusoidal", {"n_spatial_neighbors": 8}),
+MODELS = (  # name, positional encoding, n_spatial_neighbors
+    ("CellPLM, no positions", "none", 0),
+    ("CellPLM, positions", "sinusoidal", 0),
+    ("CellPLM, neighbours", "none", 8),
+    ("CellPLM, positions + neighbours", "sinusoidal", 8),
 )
 
 
@@ -88,10 +88,10 @@ def bdtnp(folds: int, epochs: int, seed: int) -> dict[str, list[tuple[float, flo
         shared = list(panel.var_names)
         knn = knn_transfer(_dense(panel.X), _dense(reference[:, shared].X), _dense(reference[:, hidden].X))
         results["kNN transfer"].append(gene_scores(knn, truth))
-        for name, pe, extra in MODELS:
+        for name, pe, k in MODELS:
             pred, _ = impute_genes(panel, reference, genes=list(hidden), gene_likelihood="gaussian",
-                                   positional_encoding=pe, max_epochs=epochs, key_added=None,
-                                   model_kwargs=extra, train_kwargs={"seed": seed})
+                                   positional_encoding=pe, n_spatial_neighbors=k, max_epochs=epochs,
+                                   key_added=None, train_kwargs={"seed": seed})
             results[name].append(gene_scores(pred.to_numpy(), truth))
         print(f"  BDTNP fold {fold + 1}/{folds}: "
               + ", ".join(f"{k} r={v[-1][0]:.3f}" for k, v in results.items()), flush=True)
@@ -131,10 +131,10 @@ def merfish(epochs: int, seed: int, n_panel: int = 300, n_hidden: int = 100) -> 
         _log_normalised(_dense(reference[:, hidden].X), ref_lib),
     )
     results = {"kNN transfer": [gene_scores(knn, truth)]}
-    for name, pe, extra in MODELS:
+    for name, pe, k in MODELS:
         pred, _ = impute_genes(panel, reference, genes=hidden, gene_likelihood="nb",
-                               positional_encoding=pe, sample_key="batch", max_epochs=epochs,
-                               key_added=None, model_kwargs=extra, train_kwargs={"seed": seed})
+                               positional_encoding=pe, n_spatial_neighbors=k, sample_key="batch",
+                               max_epochs=epochs, key_added=None, train_kwargs={"seed": seed})
         # imputed counts are at each cell's panel library: same normalisation as the truth
         results[name] = [gene_scores(_log_normalised(pred.to_numpy(), panel_lib), truth)]
     print("  MERFISH: " + ", ".join(f"{k} r={v[-1][0]:.3f}" for k, v in results.items()), flush=True)
