@@ -129,6 +129,44 @@ def _run_ours(path_prefix, n_cells, n_genes, vocabulary, threads, precision, dev
                "rss_before_gib": base, "embedding": emb, "clusters": clusters})
 
 
+def _run_paired(directory, prefix, n_cells, n_genes, vocabulary, threads, device, rounds, queue):
+    """Both implementations in one process, timed alternately (ours fp32, official, ours bf16;
+    reversed every other round), so a slow spell of a shared machine hits both: per-round ratios."""
+    import contextlib
+
+    import torch
+
+    torch.set_num_threads(threads)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from CellPLM.pipeline.cell_embedding import CellEmbeddingPipeline
+    from official_oracle import deterministic_official
+
+    from scvi_cellplm import CellPLM
+
+    adata = make_cells(n_cells, n_genes, vocabulary)
+    mine = adata.copy()
+    CellPLM.setup_anndata(mine, batch_key="batch")
+    model = CellPLM.from_official(os.path.join(directory, prefix), mine, max_cells_per_batch=max(n_cells, 1))
+    if device != "cpu":
+        model.to_device(device)
+    quiet = contextlib.redirect_stdout(open(os.devnull, "w"))
+    with deterministic_official(), quiet:
+        pipeline = CellEmbeddingPipeline(pretrain_prefix=prefix, pretrain_directory=directory)
+        calls = {
+            "official": lambda: pipeline.predict(adata, device=device, ensembl_auto_conversion=False),
+            "ours": lambda: model.get_latent_representation(precision="32"),
+            "bf16": lambda: model.get_latent_representation(precision="bf16"),
+        }
+        pipeline.predict(adata[:500].copy(), device=device, ensembl_auto_conversion=False)  # warm-up
+        model.get_latent_representation(indices=np.arange(min(n_cells, 500)), precision="32")
+        model.get_latent_representation(indices=np.arange(min(n_cells, 500)), precision="bf16")
+        times = {key: [] for key in calls}
+        for i in range(rounds):
+            for key in (list(calls) if i % 2 else list(calls)[::-1]):
+                times[key].append(_timed(calls[key], 1, device)[1])
+    queue.put(times)
+
+
 def _in_subprocess(target, *args):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -141,7 +179,7 @@ def _in_subprocess(target, *args):
 
 def matmul_peak(width: int, threads: int, device: str = "cpu") -> dict[str, float]:
     """GFLOP/s of a square-ish ``torch.mm`` (fp32 and bf16) of the model's width, this process
-    (the fastest of 10 calls, as the model timings are the fastest of their repeats)."""
+    (mean over 10 calls: the fastest single bf16 call here can be 3x the sustained rate)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -151,16 +189,13 @@ def matmul_peak(width: int, threads: int, device: str = "cpu") -> dict[str, floa
         b = torch.randn(width, width, dtype=dtype, device=device)
         for _ in range(3):
             torch.mm(a, b)
-        reps = 1 if device == "cpu" else 20  # calls per timing
-        best = float("inf")
-        for _ in range(10):
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(reps):
-                torch.mm(a, b)
-            _sync(device)
-            best = min(best, (time.perf_counter() - start) / reps)
-        out[name] = 2 * 4096 * width * width / best / 1e9
+        reps = 10 if device == "cpu" else 200
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        _sync(device)
+        out[name] = 2 * 4096 * width * width * reps / (time.perf_counter() - start) / 1e9
     return out
 
 
@@ -172,6 +207,9 @@ def main() -> int:
     parser.add_argument("--bf16", action="store_true", help="also run ours under bf16 autocast")
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed calls per measurement; the fastest is reported (noisy machines)")
+    parser.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                        help="also time both implementations alternately in one process, ROUNDS "
+                             "rounds, and print the per-round speed ratios (robust on shared machines)")
     parser.add_argument("--skip-official", action="store_true")
     parser.add_argument("--device", default="cpu",
                         help="'cpu' or 'cuda' (both implementations; one warm-up run before timing)")
@@ -222,6 +260,9 @@ def main() -> int:
                 bf["cluster_flips"] = float(1 - same.mean())
                 bf["cosine_min_same_cluster"] = float(cos[same].min()) if same.any() else float("nan")
                 row["bf16"] = bf
+            if args.paired and not args.skip_official:
+                row["paired"] = _in_subprocess(_run_paired, tmp, "paper", n, args.genes, vocabulary,
+                                               args.threads, args.device, args.paired)
             rows.append(row)
             _print_row(row, flops, peak)
     if args.json:
@@ -256,6 +297,15 @@ def _print_row(row: dict, flops: float, peak: dict) -> None:
         line += (f", bf16 cosine min {bf['cosine_min']:.5f} (cells with the same GMVAE cluster "
                  f"{bf['cosine_min_same_cluster']:.5f}; {100 * bf['cluster_flips']:.1f}% changed cluster)")
     print(line, flush=True)
+    if "paired" in row:
+        t = {key: np.asarray(v) for key, v in row["paired"].items()}
+        fp32, bf16 = t["official"] / t["ours"], t["official"] / t["bf16"]
+        print(f"{'':>7}         paired, {len(fp32)} alternating rounds in one process: median official "
+              f"{np.median(t['official']):.2f} s, ours {np.median(t['ours']):.2f} s, bf16 "
+              f"{np.median(t['bf16']):.2f} s; per-round speed ratio median x{np.median(fp32):.2f} "
+              f"[{fp32.min():.2f}-{fp32.max():.2f}], bf16 x{np.median(bf16):.2f} "
+              f"[{bf16.min():.2f}-{bf16.max():.2f}]; ours {n / np.median(t['ours']):.0f} cells/s = "
+              f"{100 * n / np.median(t['ours']) * flops / 1e9 / peak['fp32']:.0f}% of mm", flush=True)
 
 
 if __name__ == "__main__":
