@@ -39,6 +39,8 @@ def sentence_knn(
     -------
     ``(index, valid)``, both ``(n_cells, k)``: row indices of the neighbours, nearest first, and
     whether each slot holds a real neighbour (a cell with fewer than ``k`` others has padding).
+    Exact search, ``O(n^2)`` distances over the batch in row chunks of at most ``2^24`` distances
+    (batches are windows of at most ``max_cells_per_batch`` cells).
     """
     n = coords.shape[0]
     index = torch.zeros(n, k, dtype=torch.long, device=coords.device)
@@ -49,8 +51,9 @@ def sentence_knn(
     missing = torch.isnan(points).any(dim=1)
     points = torch.nan_to_num(points, nan=0.0)
     width = min(k, n - 1)
-    for start in range(0, n, KNN_CHUNK):
-        rows = slice(start, min(start + KNN_CHUNK, n))
+    step = max(1, min(KNN_CHUNK, (1 << 24) // n))  # bounded (rows, n) distance matrices
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
         dist = torch.cdist(points[rows], points)
         apart = (sentence[rows, None] != sentence[None, :]) | missing[None, :] | missing[rows, None]
         dist = dist.masked_fill(apart, float("inf"))
