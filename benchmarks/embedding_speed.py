@@ -15,6 +15,7 @@ of both are compared (max abs difference) and the table prints ratios ours/offic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -83,25 +84,50 @@ def _timed(call, repeats: int, device: str):
     return result, min(times), times
 
 
-def _run_official(directory, prefix, n_cells, n_genes, vocabulary, threads, device, repeats, queue):
-    import contextlib
+@contextlib.contextmanager
+def _official_context():
+    """Where the official package runs: its random calls made deterministic, its prints silenced."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from official_oracle import deterministic_official
 
+    with deterministic_official(), contextlib.redirect_stdout(open(os.devnull, "w")):
+        yield
+
+
+def _official_embed(directory, prefix, adata, device):
+    """The official pipeline's embedding call on ``adata``, warmed up (run in `_official_context`)."""
+    from CellPLM.pipeline.cell_embedding import CellEmbeddingPipeline
+
+    pipeline = CellEmbeddingPipeline(pretrain_prefix=prefix, pretrain_directory=directory)
+    # warm-up (one-time kernel selection/JIT, CUDA context), not part of the timing
+    pipeline.predict(adata[:500].copy(), device=device, ensembl_auto_conversion=False)
+    return lambda: pipeline.predict(adata, device=device, ensembl_auto_conversion=False).cpu().numpy()
+
+
+def _our_model(path_prefix, adata, device, precisions):
+    """Ours, loaded from the official checkpoint onto ``adata`` (registered here, all cells in one
+    sentence), warmed up at each of ``precisions``."""
+    from scvi_cellplm import CellPLM
+
+    CellPLM.setup_anndata(adata, batch_key="batch")
+    model = CellPLM.from_official(path_prefix, adata, max_cells_per_batch=max(adata.n_obs, 1))
+    if device != "cpu":
+        model.to_device(device)
+    # warm-up (one-time kernel selection/JIT, CUDA context), not part of the timing
+    for precision in precisions:
+        model.get_latent_representation(indices=np.arange(min(adata.n_obs, 500)), precision=precision)
+    return model
+
+
+def _run_official(directory, prefix, n_cells, n_genes, vocabulary, threads, device, repeats, queue):
     import torch
 
     torch.set_num_threads(threads)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from CellPLM.pipeline.cell_embedding import CellEmbeddingPipeline
-    from official_oracle import deterministic_official
-
     adata = make_cells(n_cells, n_genes, vocabulary)
-    with deterministic_official(), contextlib.redirect_stdout(open(os.devnull, "w")):
-        pipeline = CellEmbeddingPipeline(pretrain_prefix=prefix, pretrain_directory=directory)
-        # warm-up (one-time kernel selection/JIT, CUDA context), not part of the timing
-        pipeline.predict(adata[:500].copy(), device=device, ensembl_auto_conversion=False)
+    with _official_context():
+        embed = _official_embed(directory, prefix, adata, device)
         base = _peak_rss_gib()
-        emb, seconds, times = _timed(
-            lambda: pipeline.predict(adata, device=device, ensembl_auto_conversion=False).cpu().numpy(),
-            repeats, device)
+        emb, seconds, times = _timed(embed, repeats, device)
     queue.put({"seconds": seconds, "times": times, "peak_rss_gib": _peak_rss_gib(),
                "rss_before_gib": base, "embedding": emb})
 
@@ -111,15 +137,7 @@ def _run_ours(path_prefix, n_cells, n_genes, vocabulary, threads, precision, dev
     import torch
 
     torch.set_num_threads(threads)
-    from scvi_cellplm import CellPLM
-
-    adata = make_cells(n_cells, n_genes, vocabulary)
-    CellPLM.setup_anndata(adata, batch_key="batch")
-    model = CellPLM.from_official(path_prefix, adata, max_cells_per_batch=max(n_cells, 1))
-    if device != "cpu":
-        model.to_device(device)
-    # warm-up (one-time kernel selection/JIT, CUDA context), not part of the timing
-    model.get_latent_representation(indices=np.arange(min(n_cells, 500)), precision=precision)
+    model = _our_model(path_prefix, make_cells(n_cells, n_genes, vocabulary), device, [precision])
     base = _peak_rss_gib()
     emb, seconds, times = _timed(lambda: model.get_latent_representation(precision=precision),
                                  repeats, device)
@@ -132,34 +150,17 @@ def _run_ours(path_prefix, n_cells, n_genes, vocabulary, threads, precision, dev
 def _run_paired(directory, prefix, n_cells, n_genes, vocabulary, threads, device, rounds, queue):
     """Both implementations in one process, timed alternately (ours fp32, official, ours bf16;
     reversed every other round), so a slow spell of a shared machine hits both: per-round ratios."""
-    import contextlib
-
     import torch
 
     torch.set_num_threads(threads)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from CellPLM.pipeline.cell_embedding import CellEmbeddingPipeline
-    from official_oracle import deterministic_official
-
-    from scvi_cellplm import CellPLM
-
     adata = make_cells(n_cells, n_genes, vocabulary)
-    mine = adata.copy()
-    CellPLM.setup_anndata(mine, batch_key="batch")
-    model = CellPLM.from_official(os.path.join(directory, prefix), mine, max_cells_per_batch=max(n_cells, 1))
-    if device != "cpu":
-        model.to_device(device)
-    quiet = contextlib.redirect_stdout(open(os.devnull, "w"))
-    with deterministic_official(), quiet:
-        pipeline = CellEmbeddingPipeline(pretrain_prefix=prefix, pretrain_directory=directory)
+    model = _our_model(os.path.join(directory, prefix), adata.copy(), device, ["32", "bf16"])
+    with _official_context():
         calls = {
-            "official": lambda: pipeline.predict(adata, device=device, ensembl_auto_conversion=False),
+            "official": _official_embed(directory, prefix, adata, device),
             "ours": lambda: model.get_latent_representation(precision="32"),
             "bf16": lambda: model.get_latent_representation(precision="bf16"),
         }
-        pipeline.predict(adata[:500].copy(), device=device, ensembl_auto_conversion=False)  # warm-up
-        model.get_latent_representation(indices=np.arange(min(n_cells, 500)), precision="32")
-        model.get_latent_representation(indices=np.arange(min(n_cells, 500)), precision="bf16")
         times = {key: [] for key in calls}
         for i in range(rounds):
             for key in (list(calls) if i % 2 else list(calls)[::-1]):
