@@ -45,12 +45,12 @@ def sentence_knn(
     n = coords.shape[0]
     index = torch.zeros(n, k, dtype=torch.long, device=coords.device)
     valid = torch.zeros(n, k, dtype=torch.bool, device=coords.device)
-    if n == 0 or k == 0:
+    if n < 2 or k == 0:  # no other cell to be a neighbour
         return index, valid
     points = coords.double()
     missing = torch.isnan(points).any(dim=1)
     points = torch.nan_to_num(points, nan=0.0)
-    width = min(k, n - 1)
+    width = min(k, n - 1)  # >= 1 here
     step = max(1, min(KNN_CHUNK, (1 << 24) // n))  # bounded (rows, n) distance matrices
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
@@ -59,8 +59,6 @@ def sentence_knn(
         dist = dist.masked_fill(apart, float("inf"))
         own = torch.arange(rows.start, rows.stop, device=coords.device)
         dist[own - start, own] = float("inf")
-        if width == 0:
-            continue
         best, where = torch.topk(dist, width, dim=1, largest=False)  # sorted, nearest first
         index[rows, :width] = where
         valid[rows, :width] = torch.isfinite(best)
