@@ -70,6 +70,18 @@ class FlowAttention(_Projections):
         per_head = vec.view(vec.shape[0], self.n_heads, -1).sum(-1)  # (b, heads)
         return t @ diag + self.eps * per_head[:, None, :]
 
+    def _low_dot(self, t: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        """:meth:`_dot` as one product in ``t``'s (low-precision) type, returned in float32."""
+        return self._dot(t, vec.to(t.dtype)).float()
+
+    def _low_head_sums(self, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """:meth:`_head_sums` as one product ``w^T t`` in ``t``'s (low-precision) type (every head's
+        weights against every column; each head's own block kept), returned in float32."""
+        b, _, hidden = t.shape
+        full = (w.to(t.dtype).transpose(1, 2) @ t).float()  # (b, heads, hidden)
+        own = full.view(b, self.n_heads, self.n_heads, -1).diagonal(dim1=1, dim2=2)  # (b, d, heads)
+        return own.transpose(1, 2).reshape(b, hidden)
+
     def _flows(
         self, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, chunk: int | None = None,
         sums: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -77,12 +89,16 @@ class FlowAttention(_Projections):
         """Per-token ``(b, l, heads)`` competition and output scale (``sink_in * allocation``)
         from the sigmoid queries and keys (zero at padding).
 
-        Always float32 (also when ``q``/``k`` are bf16 under autocast), ``chunk`` positions at a
-        time (default: all at once). ``sums``: the float32 ``(q_sum, k_sum)`` over each sentence,
-        when the caller already has them.
+        ``chunk`` positions at a time (default: all at once). Float32, except at inference
+        (``chunk`` given) on low-precision ``q``/``k`` (bf16 autocast): then the per-token dot
+        products and per-chunk head sums are products in that type (no float32 copies of
+        ``q``/``k``), accumulated over chunks and combined in float32. ``sums``: the float32
+        ``(q_sum, k_sum)`` over each sentence, when the caller already has them.
         """
         length = q.shape[1]
         spans = [slice(s, s + (chunk or length)) for s in range(0, length, chunk or max(length, 1))]
+        low = chunk is not None and q.dtype != torch.float32
+        dot, head_sums = (self._low_dot, self._low_head_sums) if low else (self._dot, self._head_sums)
         with torch.autocast(q.device.type, enabled=False):
             n_keys = valid.sum(dim=1).float()[:, None, None]  # keys per sentence, (b, 1, 1)
             # incoming and outgoing flow
@@ -93,19 +109,20 @@ class FlowAttention(_Projections):
             else:  # per chunk: a float32 reduction over a strided low-precision tensor is slow
                 k_sum = sum(k[:, s].float().sum(dim=1) for s in spans)
                 q_sum = sum(q[:, s].float().sum(dim=1) for s in spans)
-            # conservation refinement; each chunk made float once per pass (bf16: a copy)
+
+            def cast(t: torch.Tensor) -> torch.Tensor:  # made float once per chunk and pass
+                return t if low else t.float()
+
+            # conservation refinement
             sink_in, q_in, k_out = [], 0.0, 0.0
             for s in spans:
-                qs, ks = q[:, s].float(), k[:, s].float()
-                sink_in.append(1.0 / self._dot(qs, k_sum))
-                q_in = q_in + self._head_sums(qs, sink_in[-1])
-                k_out = k_out + self._head_sums(ks, 1.0 / self._dot(ks, q_sum))  # source_out
+                qs, ks = cast(q[:, s]), cast(k[:, s])
+                sink_in.append(1.0 / dot(qs, k_sum))
+                q_in = q_in + head_sums(qs, sink_in[-1])
+                k_out = k_out + head_sums(ks, 1.0 / dot(ks, q_sum))  # source_out
             sink_in = torch.cat(sink_in, 1)
-            sink, source = [], []
-            for s in spans:
-                sink.append(self._dot(q[:, s].float(), k_out))
-                source.append(self._dot(k[:, s].float(), q_in))
-            sink, source = torch.cat(sink, 1), torch.cat(source, 1)
+            sink = torch.cat([dot(cast(q[:, s]), k_out) for s in spans], 1)
+            source = torch.cat([dot(cast(k[:, s]), q_in) for s in spans], 1)
             source = source.clamp(min=-1.0, max=1.0)
             # competition (softmax over the sentence's keys) and allocation
             if not bool(valid.all()):

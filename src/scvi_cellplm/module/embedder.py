@@ -11,13 +11,15 @@ from torch import nn
 from ._norm import Norm, make_norm
 
 
-def log1p_matmul(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def log1p_matmul(x: torch.Tensor, table: torch.Tensor, low: torch.dtype | None = None) -> torch.Tensor:
     """``log1p(x) @ table`` for dense or sparse (CSR/CSC/COO) ``x`` without densifying it.
 
-    Always in float32 (also under autocast): counts and the sparse product stay exact.
+    Float32 (also under autocast), except that ``low`` (e.g. ``torch.bfloat16``, for inference
+    under autocast) runs the products of densified row chunks in that type; the result is
+    float32 either way.
     """
     with torch.autocast(x.device.type, enabled=False):
-        return _log1p_matmul(x.float(), table.float())
+        return _log1p_matmul(x.float(), table.float(), low)
 
 
 DENSE_DENSITY = 0.05
@@ -40,7 +42,7 @@ def csr_row_chunks(x: torch.Tensor, chunk: int) -> Iterator[tuple[int, int, slic
         yield start, stop, entries, rows
 
 
-def _log1p_matmul(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def _log1p_matmul(x: torch.Tensor, table: torch.Tensor, low: torch.dtype | None) -> torch.Tensor:
     if x.layout == torch.strided:
         return torch.log1p(x) @ table
     if x.layout != torch.sparse_csr:
@@ -51,12 +53,15 @@ def _log1p_matmul(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     col, val = x.col_indices(), x.values()
     inplace = not torch.is_grad_enabled()
     out = table.new_empty(n_rows, table.shape[1]) if inplace else None
+    compute = table if low is None else table.to(low)
     chunks = []
     # bounded memory: one dense chunk at a time
     for start, stop, entries, rows in csr_row_chunks(x, CHUNK_CELLS):
-        dense = table.new_zeros(stop - start, n_cols)
-        dense[rows, col[entries]] = torch.log1p(val[entries])
-        if inplace:
+        dense = compute.new_zeros(stop - start, n_cols)
+        dense[rows, col[entries]] = torch.log1p(val[entries]).to(compute.dtype)
+        if inplace and low is not None:
+            out[start:stop] = dense @ compute
+        elif inplace:
             torch.mm(dense, table, out=out[start:stop])
         else:
             chunks.append(dense @ table)
@@ -123,9 +128,16 @@ class GeneEmbedder(nn.Module):
         ``log1p(x) - center`` (computed as ``log1p(x) @ table - center @ table``, so sparse input
         stays sparse)."""
         table = self.table_for(gene_index, keep)
-        h = log1p_matmul(x, table)
+        # inference under low-precision autocast: the dense products in that type too (not when
+        # centring, where the subtraction would expose its rounding)
+        device = x.device.type
+        low = None
+        if center is None and not torch.is_grad_enabled() and torch.is_autocast_enabled(device):
+            low = torch.get_autocast_dtype(device)
+        h = log1p_matmul(x, table, low)
         if center is not None:
-            h = h - center.to(table.dtype) @ table
+            with torch.autocast(device, enabled=False):  # float32, as the product above
+                h = h - center.to(table.dtype) @ table
         return h
 
     def tokens(self, h: torch.Tensor, positional: torch.Tensor | None = None) -> torch.Tensor:
