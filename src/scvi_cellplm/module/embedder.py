@@ -59,12 +59,12 @@ def _log1p_matmul(x: torch.Tensor, table: torch.Tensor, low: torch.dtype | None)
     for start, stop, entries, rows in csr_row_chunks(x, CHUNK_CELLS):
         dense = compute.new_zeros(stop - start, n_cols)
         dense[rows, col[entries]] = torch.log1p(val[entries]).to(compute.dtype)
-        if inplace and low is not None:
-            out[start:stop] = dense @ compute
-        elif inplace:
+        if inplace and low is None:
             torch.mm(dense, table, out=out[start:stop])
+        elif inplace:
+            out[start:stop] = dense @ compute  # into float32
         else:
-            chunks.append(dense @ table)
+            chunks.append((dense @ compute).float())
     if inplace:
         return out
     return torch.cat(chunks) if chunks else table.new_zeros(0, table.shape[1])
