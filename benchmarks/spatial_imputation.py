@@ -178,14 +178,15 @@ def main() -> None:
     print(f"\nSpatial imputation, mean over genes (BDTNP: {args.folds} fold(s) of 20% of the genes; "
           f"MERFISH: 100 genes); {args.steps} steps; seed {args.seed}; {torch.get_num_threads()} CPU threads; "
           f"{time.perf_counter() - start:.0f} s")
-    print(f"| {'setting':<32} | {'method':<22} | Pearson | cosine |")
-    print(f"|{'-' * 34}|{'-' * 24}|---------|--------|")
+    width = max(len(method) for results in tables.values() for method in results)
+    print(f"| {'setting':<32} | {'method':<{width}} | Pearson | cosine |")
+    print(f"|{'-' * 34}|{'-' * (width + 2)}|---------|--------|")
     summary = {}
     for setting, results in tables.items():
         for method, scores in results.items():
             pearson, cosine = np.mean(scores, axis=0)
             summary[f"{setting} / {method}"] = {"pearson": pearson, "cosine": cosine}
-            print(f"| {setting:<32} | {method:<22} | {pearson:7.3f} | {cosine:6.3f} |")
+            print(f"| {setting:<32} | {method:<{width}} | {pearson:7.3f} | {cosine:6.3f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
 
