@@ -144,15 +144,17 @@ def test_sparse_and_dense_inputs_embed_identically(density):
     torch.testing.assert_close(dense, csr, atol=1e-5, rtol=1e-5)
 
 
-def test_bf16_expression_products_stay_close_and_centring_stays_float32():
-    """Under bf16 autocast at inference the densified chunk products run in bf16 (close to
-    float32, not equal); with a centre the expression stays float32 (the subtraction would
-    expose bf16 rounding)."""
+@pytest.mark.parametrize("sparse", [True, False])
+def test_bf16_expression_products_stay_close_and_centring_stays_float32(sparse):
+    """Under bf16 autocast at inference the dense products (densified chunks of sparse input,
+    or dense input) run in bf16 (close to float32, not equal); with a centre the expression
+    stays float32 (the subtraction would expose bf16 rounding)."""
     from scvi_cellplm.module.embedder import GeneEmbedder
 
     torch.manual_seed(0)
     emb = GeneEmbedder(300, 64, dropout=0.0, norm="layernorm").eval()
-    x = (_counts(n=500, g=300) * (torch.rand(500, 300) < 0.5)).to_sparse_csr()
+    x = _counts(n=500, g=300) * (torch.rand(500, 300) < 0.5)
+    x = x.to_sparse_csr() if sparse else x
     center = torch.rand(300)
     with torch.no_grad():
         reference = emb.expression(x)

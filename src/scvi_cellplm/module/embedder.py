@@ -15,8 +15,8 @@ def log1p_matmul(x: torch.Tensor, table: torch.Tensor, low: torch.dtype | None =
     """``log1p(x) @ table`` for dense or sparse (CSR/CSC/COO) ``x`` without densifying it.
 
     Float32 (also under autocast), except that ``low`` (e.g. ``torch.bfloat16``, for inference
-    under autocast) runs the products of densified row chunks in that type; the result is
-    float32 either way.
+    under autocast) runs the dense products (dense input, densified row chunks of sparse input)
+    in that type; the sparse product and the result are float32 either way.
     """
     with torch.autocast(x.device.type, enabled=False):
         return _log1p_matmul(x.float(), table.float(), low)
@@ -43,8 +43,9 @@ def csr_row_chunks(x: torch.Tensor, chunk: int) -> Iterator[tuple[int, int, slic
 
 
 def _log1p_matmul(x: torch.Tensor, table: torch.Tensor, low: torch.dtype | None) -> torch.Tensor:
+    compute = table if low is None else table.to(low)
     if x.layout == torch.strided:
-        return torch.log1p(x) @ table
+        return (torch.log1p(x).to(compute.dtype) @ compute).float()
     if x.layout != torch.sparse_csr:
         x = x.to_sparse_csr()
     n_rows, n_cols = x.shape
@@ -53,14 +54,13 @@ def _log1p_matmul(x: torch.Tensor, table: torch.Tensor, low: torch.dtype | None)
     col, val = x.col_indices(), x.values()
     inplace = not torch.is_grad_enabled()
     out = table.new_empty(n_rows, table.shape[1]) if inplace else None
-    compute = table if low is None else table.to(low)
     chunks = []
     # bounded memory: one dense chunk at a time
     for start, stop, entries, rows in csr_row_chunks(x, CHUNK_CELLS):
         dense = compute.new_zeros(stop - start, n_cols)
         dense[rows, col[entries]] = torch.log1p(val[entries]).to(compute.dtype)
         if inplace and low is None:
-            torch.mm(dense, table, out=out[start:stop])
+            torch.mm(dense, compute, out=out[start:stop])
         elif inplace:
             out[start:stop] = dense @ compute  # into float32
         else:
