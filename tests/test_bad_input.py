@@ -121,11 +121,17 @@ def test_duplicated_var_names_are_refused(small_pancreas):
         CellPLM(small_pancreas, **TINY)
 
 
-def test_loading_into_different_genes_names_them(trained_small, small_pancreas, tmp_path):
+def test_loading_into_fewer_genes_aligns_them_by_identifier(trained_small, small_pancreas, tmp_path):
+    """A saved model loads on data with other genes: they are matched to its vocabulary by name,
+    the missing ones are reported as unmeasured (the model's vocabulary is unchanged)."""
     trained_small.save(tmp_path / "m")
     other = small_pancreas[:, 5:].copy()
-    with pytest.raises(CheckpointError, match=small_pancreas.var_names[0]):
-        CellPLM.load(tmp_path / "m", adata=other)
+    model = CellPLM.load(tmp_path / "m", adata=other)
+    assert model.gene_vocabulary == list(small_pancreas.var_names)
+    alignment = model.gene_alignment()
+    assert (alignment.n_matched, alignment.n_vocabulary) == (295, 300)
+    assert "295 of the model's 300 vocabulary genes" in alignment.summary()
+    assert np.isfinite(model.get_latent_representation()).all()
 
 
 # ------------------------------------------------------------------ categories and keys

@@ -53,9 +53,22 @@ def test_zero_overlap_is_an_error_naming_genes():
 
 
 def test_low_overlap_warns_with_the_numbers(pancreas):
-    vocab = [i for i in pancreas.var["gene_ids"].astype(str) if i][:10]
-    with pytest.warns(UserWarning, match=r"\d+ of 2000 genes"):
-        align_genes(list(pancreas.var["gene_ids"].astype(str)), vocab)
+    """Data that measures under half of the vocabulary warns, with the share; extra genes of the
+    data are dropped without a warning (a model's vocabulary is usually a subset of a dataset's)."""
+    ids = [i for i in pancreas.var["gene_ids"].astype(str) if i]
+    with pytest.warns(UserWarning, match=r"10 of the model's 100 vocabulary genes measured \(10\.0%\)"):
+        align_genes(ids[:10], ids[:100])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        alignment = align_genes(ids, ids[:10])
+    assert alignment.n_matched == 10 and alignment.vocabulary_share == 1.0
+
+
+def test_ids_that_are_not_gene_identifiers_say_so():
+    with pytest.raises(GeneAlignmentError, match="no identifiers"):
+        align_genes([str(i) for i in range(50)], ["ENSG00000000003", "ENSG00000000005"])
 
 
 def test_duplicate_gene_ids_are_an_error(small_pancreas):

@@ -169,16 +169,21 @@ def test_bf16_expression_products_stay_close_and_centring_stays_float32(sparse):
 
 
 def test_genes_outside_vocabulary_are_ignored():
+    """The gene index comes with each call: columns outside the vocabulary (-1) change nothing,
+    are predicted as 0, and the same cells in vocabulary order give the same embedding."""
     torch.manual_seed(0)
     index = torch.tensor([0, 1, -1, 3])
-    m = CellPLMModule(4, n_genes=5, gene_index=index, n_hidden=8, n_layers=1, n_heads=2,
-                      n_latent=4).eval()
+    m = CellPLMModule(5, n_hidden=8, n_layers=1, n_heads=2, n_latent=4).eval()
     x = torch.tensor([[1.0, 2.0, 0.0, 3.0]])
     x_other = x.clone()
     x_other[0, 2] = 50.0  # an unmatched gene must not change anything
     s = torch.zeros(1, dtype=torch.long)
-    torch.testing.assert_close(m.inference(x, s)["qzm"], m.inference(x_other, s)["qzm"])
-    scale = m.generative(m.inference(x, s)["z"], torch.tensor([6.0]))["px_scale"]
+    z = m.inference(x, s, gene_index=index)["qzm"]
+    torch.testing.assert_close(z, m.inference(x_other, s, gene_index=index)["qzm"])
+    in_vocabulary_order = torch.tensor([[1.0, 2.0, 0.0, 3.0, 0.0]])
+    torch.testing.assert_close(z, m.inference(in_vocabulary_order, s)["qzm"])
+    scale = m.generative(m.inference(x, s, gene_index=index)["z"], torch.tensor([6.0]),
+                         gene_index=index)["px_scale"]
     assert scale[0, 2] == 0 and torch.isclose(scale.sum(), torch.tensor(1.0))
 
 

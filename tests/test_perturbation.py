@@ -162,7 +162,7 @@ def test_screen_with_fewer_genes_aligns_to_the_backbone_vocabulary(screen, backb
     dropped = [g for g in adata.var_names if g not in perturbed][:50]
     sub = adata[:, ~adata.var_names.isin(dropped)].copy()
     pert = CellPLMPerturbation.from_cellplm_model(backbone, sub)
-    assert pert.module.backbone.gene_index is not None
+    assert pert.module.gene_index is not None  # the head's genes, placed in the vocabulary
     table = backbone.module.embedder.gene_table.detach()
     np.testing.assert_array_equal(pert.module.backbone.embedder.gene_table.detach().numpy(),
                                   table.numpy())

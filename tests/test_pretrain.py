@@ -163,7 +163,7 @@ def test_disjoint_panels_train_with_their_own_masks(corpus_files):
     batch.pop(PADDING_KEY)
     torch.manual_seed(0)
     corrupted, mask = plan._corrupt(batch, drop_cells=False)
-    valid = module.measured_genes(len(corrupted["X"]), corrupted["dataset"])
+    valid = module.measured_genes(len(corrupted["X"]), corrupted["X"].shape[1], corrupted["dataset"])
     assert torch.equal(valid, torch.as_tensor(mouse).expand_as(valid))
     _, _, out = plan.forward(corrupted, inference_kwargs={"input_mask": mask},
                              loss_kwargs={"input_mask": mask, "kl_weight": 1.0})

@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY
 from scipy import sparse
 
-import scvi_cellplm.model._cellplm as cellplm_mod
+import scvi_cellplm.data._windows as windows_mod
 from scvi_cellplm import CellPLM
 
 N_CELLS, MAX_CELLS = 12_000, 256
@@ -69,8 +69,8 @@ def test_streaming_memory_is_bounded_by_the_window(backed_path, tmp_path, monkey
     rows are read a chunk / a mini-batch at a time, never the whole matrix."""
     import h5py
 
-    monkeypatch.setattr(cellplm_mod, "READ_CHUNK_CELLS", 500)
-    monkeypatch.setattr(cellplm_mod, "WINDOW_PCA_CELLS", 1_000)
+    monkeypatch.setattr(windows_mod, "READ_CHUNK_CELLS", 500)
+    monkeypatch.setattr(windows_mod, "WINDOW_PCA_CELLS", 1_000)
     backed = ad.read_h5ad(backed_path, backed="r")
     model = _model(backed)
     with h5py.File(backed_path, "r") as f:

@@ -18,7 +18,9 @@ class _CELLPLM_MODULE_KEYS(NamedTuple):
     X_KEY: str = "x"
     SENTENCE_KEY: str = "sentence"
     COORDS_KEY: str = "coords"
+    GENE_INDEX_KEY: str = "gene_index"
     BATCH_INDEX_KEY: str = "batch_index"
+    DATASET_INDEX_KEY: str = "dataset_index"
     GENE_MASK_KEY: str = "gene_mask"
     INPUT_MASK_KEY: str = "input_mask"
     HIDDEN_KEY: str = "h"
@@ -30,6 +32,8 @@ class _CELLPLM_MODULE_KEYS(NamedTuple):
     PX_SCALE_KEY: str = "px_scale"
     PX_THETA_KEY: str = "px_theta"
     PX_KEY: str = "px"
+    PX_RATE_KEY: str = "px_rate"
+    LOGITS_KEY: str = "logits"
     LIBRARY_KEY: str = "library"
     PERTURBATION_KEY: str = "perturbation"
     PERTURBATION_EMBEDDING_KEY: str = "perturbation_embedding"
@@ -47,12 +51,39 @@ class _CELLPLM_SLOTS(NamedTuple):
     PREDICTION: str = "cellplm_prediction"
 
 
+class _CELLPLM_DATA_KEYS(NamedTuple):
+    """Keys the sentence loaders add to each mini-batch (next to the registry keys)."""
+
+    SENTENCE_KEY: str = "sentence"  # per-cell sentence number within the mini-batch
+    INDICES_KEY: str = "_obs_indices"  # per-cell obs index
+    GENE_INDEX_KEY: str = "gene_index"  # (n_input,) vocabulary row of each column (-1: none)
+    PERTURBATION_KEY: str = "perturbation"  # per-cell multi-hot vector of perturbed genes
+    TARGET_KEY: str = "perturbation_target"  # post-perturbation log-normalised expression
+    PLATFORM_KEY: str = "platform"  # corpus pretraining: platform code of each cell
+    PADDING_KEY: str = "_padding"  # corpus pretraining: a repeated batch that equalises DDP ranks
+
+
+class _CELLPLM_COLUMNS(NamedTuple):
+    """Names this package writes into AnnData objects it builds (never the user's)."""
+
+    DATASET: str = "_cellplm_dataset"  # joint spatial + reference AnnData: the source of each cell
+    SAMPLE: str = "_cellplm_sample"  # joint AnnData: the sentence (sample) of each cell
+    CONNECTIVITIES: str = "spatial_connectivities"  # squidpy's obsp graph, reused for windows
+
+
 REGISTRY_KEYS = _CELLPLM_REGISTRY_KEYS()
 MODULE_KEYS = _CELLPLM_MODULE_KEYS()
+DATA_KEYS = _CELLPLM_DATA_KEYS()
+COLUMNS = _CELLPLM_COLUMNS()
 SLOTS = _CELLPLM_SLOTS()
-SENTENCE_KEY = "sentence"
-"""Key of the per-cell sentence id that the sentence loader adds to each mini-batch."""
-PERTURBATION_KEY = "perturbation"
-"""Key of the per-cell multi-hot vector of perturbed genes in perturbation mini-batches."""
-TARGET_KEY = "perturbation_target"
-"""Key of the post-perturbation (log-normalised) expression a perturbation mini-batch is fitted to."""
+
+SENTENCE_KEY = DATA_KEYS.SENTENCE_KEY
+INDICES_KEY = DATA_KEYS.INDICES_KEY
+PERTURBATION_KEY = DATA_KEYS.PERTURBATION_KEY
+TARGET_KEY = DATA_KEYS.TARGET_KEY
+
+OFFICIAL_SENTENCE_CELLS = 100_000
+"""Sentence bound of models loaded from official checkpoints: samples up to this many cells are
+embedded as one sentence, as the official ``predict`` does; larger ones are windowed (logged)."""
+LOW_VOCABULARY_SHARE = 0.5
+"""Gene alignment warns when a dataset measures less than this share of the model's vocabulary."""

@@ -9,23 +9,24 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .._constants import SENTENCE_KEY
+from .._constants import DATA_KEYS
 from ._sentences import make_sentences, pack_sentences
-
-INDICES_KEY = "_obs_indices"
-"""Key of the obs indices of the cells of a mini-batch (in the order of the mini-batch)."""
 
 
 class SentenceDataset(Dataset):
     """Fetch the cells of several sentences in one call, with per-cell sentence ids.
 
     Items are lists of sentences (arrays of obs indices). Cells come back sorted by obs index
-    (what backed AnnData needs); ``SENTENCE_KEY`` holds each cell's sentence number within the
-    mini-batch and ``INDICES_KEY`` its obs index.
+    (what backed AnnData needs); ``DATA_KEYS.SENTENCE_KEY`` holds each cell's sentence number
+    within the mini-batch and ``DATA_KEYS.INDICES_KEY`` its obs index. With ``gene_index`` (the
+    vocabulary row of each column, from :func:`~scvi_cellplm.data.align_to_vocabulary`), every
+    mini-batch carries it as ``DATA_KEYS.GENE_INDEX_KEY``: the module reads genes by identity.
     """
 
-    def __init__(self, adata_manager, load_sparse_tensor: bool = False) -> None:
+    def __init__(self, adata_manager, load_sparse_tensor: bool = False,
+                 gene_index: np.ndarray | None = None) -> None:
         self.inner = adata_manager.create_torch_dataset(load_sparse_tensor=load_sparse_tensor)
+        self.gene_index = None if gene_index is None else torch.as_tensor(gene_index, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -37,8 +38,10 @@ class SentenceDataset(Dataset):
         idx, sid = idx[order], sid[order]
         data = self.inner[idx]
         data = {k: v if torch.is_tensor(v) else torch.as_tensor(v) for k, v in data.items()}
-        data[SENTENCE_KEY] = torch.as_tensor(sid, dtype=torch.long)
-        data[INDICES_KEY] = torch.as_tensor(idx, dtype=torch.long)
+        data[DATA_KEYS.SENTENCE_KEY] = torch.as_tensor(sid, dtype=torch.long)
+        data[DATA_KEYS.INDICES_KEY] = torch.as_tensor(idx, dtype=torch.long)
+        if self.gene_index is not None:
+            data[DATA_KEYS.GENE_INDEX_KEY] = self.gene_index
         return data
 
 
@@ -103,11 +106,13 @@ def sentence_dataloader(
     shuffle: bool = False,
     load_sparse_tensor: bool = False,
     seed: int = 0,
+    gene_index: np.ndarray | None = None,
     **kwargs,
 ) -> DataLoader:
-    """A :class:`~torch.utils.data.DataLoader` over whole sentences."""
+    """A :class:`~torch.utils.data.DataLoader` over whole sentences (see :class:`SentenceDataset`)."""
     sampler = SentenceSampler(sentences, max_cells, shuffle=shuffle, seed=seed)
-    dataset = SentenceDataset(adata_manager, load_sparse_tensor=load_sparse_tensor)
+    dataset = SentenceDataset(adata_manager, load_sparse_tensor=load_sparse_tensor,
+                              gene_index=gene_index)
     kwargs.setdefault("num_workers", 0)
     return DataLoader(dataset, sampler=sampler, batch_size=None, **kwargs)
 
@@ -158,6 +163,8 @@ class SentenceDataSplitter(pl.LightningDataModule):
         Fraction of each sample's cells held out for validation (0 disables validation).
     seed
         Seed of the split and of the shuffling.
+    gene_index
+        Vocabulary row of each registered column (see :class:`SentenceDataset`).
     """
 
     def __init__(
@@ -168,10 +175,12 @@ class SentenceDataSplitter(pl.LightningDataModule):
         windower: Callable[[np.ndarray], list[np.ndarray]] | None = None,
         validation_size: float = 0.1,
         seed: int = 0,
+        gene_index: np.ndarray | None = None,
         **loader_kwargs,
     ) -> None:
         super().__init__()
         self.adata_manager = adata_manager
+        self.gene_index = gene_index
         self.max_cells = max_cells
         self.windower = windower
         self.seed = seed
@@ -188,7 +197,7 @@ class SentenceDataSplitter(pl.LightningDataModule):
         )
         return sentence_dataloader(
             self.adata_manager, sentences, self.max_cells, shuffle=shuffle, seed=self.seed,
-            **self.loader_kwargs,
+            gene_index=self.gene_index, **self.loader_kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -201,7 +210,6 @@ class SentenceDataSplitter(pl.LightningDataModule):
 
 
 __all__ = [
-    "INDICES_KEY",
     "SentenceDataSplitter",
     "SentenceDataset",
     "SentenceSampler",

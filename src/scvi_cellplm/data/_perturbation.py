@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .._constants import PERTURBATION_KEY, REGISTRY_KEYS, SENTENCE_KEY, TARGET_KEY
-from ._loader import INDICES_KEY, concat_sorted, split_within_groups
+from .._constants import DATA_KEYS, REGISTRY_KEYS
+from ._loader import concat_sorted, split_within_groups
 
 Item = tuple[np.ndarray, int, np.ndarray]
 """One training item: control cells (a sentence), a perturbation code, target cells (as many)."""
@@ -43,11 +43,11 @@ class PerturbationPairDataset(Dataset):
         n = len(controls)
         out = {k: torch.as_tensor(np.asarray(v)[inverse[:n]]) for k, v in data.items()}
         target_counts = np.asarray(data[REGISTRY_KEYS.X_KEY])[inverse[n:]]
-        out[TARGET_KEY] = torch.as_tensor(log_normalize(target_counts, self.target_sum))
+        out[DATA_KEYS.TARGET_KEY] = torch.as_tensor(log_normalize(target_counts, self.target_sum))
         codes = np.repeat([code for _, code, _ in items], [len(c) for c, _, _ in items])
-        out[PERTURBATION_KEY] = torch.as_tensor(self.multi_hot[codes])
-        out[SENTENCE_KEY] = torch.as_tensor(np.repeat(np.arange(len(items)), [len(c) for c, _, _ in items]))
-        out[INDICES_KEY] = torch.as_tensor(controls)
+        out[DATA_KEYS.PERTURBATION_KEY] = torch.as_tensor(self.multi_hot[codes])
+        out[DATA_KEYS.SENTENCE_KEY] = torch.as_tensor(np.repeat(np.arange(len(items)), [len(c) for c, _, _ in items]))
+        out[DATA_KEYS.INDICES_KEY] = torch.as_tensor(controls)
         return out
 
 

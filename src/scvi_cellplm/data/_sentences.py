@@ -8,9 +8,12 @@ window holds at most ``max_cells`` cells. Never consecutive index order.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 def bisect_windows(features: np.ndarray, max_cells: int) -> list[np.ndarray]:
@@ -80,7 +83,10 @@ def make_sentences(
                 f"A sample has {len(members)} cells, above max_cells_per_batch={max_cells}, "
                 "and no way to window it."
             )
-        sentences.extend(members[w] for w in windower(members))
+        windows = windower(members)
+        logger.info("A sample of %d cells is above the sentence budget of %d cells: embedded in %d "
+                    "windows.", len(members), max_cells, len(windows))
+        sentences.extend(members[w] for w in windows)
     return sentences
 
 

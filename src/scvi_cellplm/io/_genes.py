@@ -17,6 +17,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from .._constants import LOW_VOCABULARY_SHARE
 from .._exceptions import GeneAlignmentError
 
 logger = logging.getLogger(__name__)
@@ -24,8 +25,6 @@ logger = logging.getLogger(__name__)
 Species = Literal["human", "mouse", "auto"]
 _TABLES = {"human": "genes_homo_sapiens.csv.gz", "mouse": "genes_mus_musculus.csv.gz"}
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
-LOW_OVERLAP = 0.5
-"""Below this fraction of matched genes, alignment warns."""
 
 
 @cache
@@ -80,11 +79,14 @@ class GeneAlignment:
         Genes matched by their id as given.
     n_symbol
         Genes matched after offline symbol → Ensembl mapping.
+    n_vocabulary
+        Size of the vocabulary.
     """
 
     index: np.ndarray
     n_direct: int
     n_symbol: int
+    n_vocabulary: int = 0
 
     @property
     def n_matched(self) -> int:
@@ -96,11 +98,25 @@ class GeneAlignment:
         """Number of input genes."""
         return len(self.index)
 
+    @property
+    def vocabulary_share(self) -> float:
+        """Fraction of the vocabulary that the input measures."""
+        return self.n_matched / max(self.n_vocabulary, 1)
+
+    @property
+    def is_identity(self) -> bool:
+        """Whether the input columns are the vocabulary, in its order."""
+        return self.n_input == self.n_vocabulary and bool(
+            np.array_equal(self.index, np.arange(self.n_input))
+        )
+
     def summary(self) -> str:
-        """One line saying how many genes matched, and how."""
+        """One line: the vocabulary share measured, matches by id and via symbols, genes dropped."""
         return (
-            f"{self.n_matched} of {self.n_input} genes matched the vocabulary "
-            f"({self.n_direct} by id, {self.n_symbol} via symbol → Ensembl mapping)"
+            f"{self.n_matched} of the model's {self.n_vocabulary} vocabulary genes measured "
+            f"({100 * self.vocabulary_share:.1f}%); {self.n_matched} of {self.n_input} genes "
+            f"used ({self.n_direct} by id, {self.n_symbol} via symbol → Ensembl mapping), "
+            f"{self.n_input - self.n_matched} not in the vocabulary dropped"
         )
 
 
@@ -109,8 +125,10 @@ def align_genes(gene_ids, vocabulary, *, species: Species = "auto") -> GeneAlign
 
     Ids match directly (Ensembl versions ignored); anything left is treated as a symbol and mapped
     to Ensembl with the shipped tables, choosing among ambiguous symbols the single id that is in
-    the vocabulary. Raises :class:`~scvi_cellplm.GeneAlignmentError` when nothing matches; warns
-    (with the numbers) when fewer than half of the genes match.
+    the vocabulary. Raises :class:`~scvi_cellplm.GeneAlignmentError` when nothing matches (saying
+    so plainly when the ids are not gene identifiers at all, e.g. numbers); warns, with the
+    numbers, when the input measures less than ``LOW_VOCABULARY_SHARE`` (half) of the vocabulary:
+    the model then embeds cells from a small part of the genes it knows.
     """
     gene_ids = [str(g) for g in gene_ids]
     vocab_pos: dict[str, int] = {}
@@ -139,21 +157,36 @@ def align_genes(gene_ids, vocabulary, *, species: Species = "auto") -> GeneAlign
     matched = index >= 0
     n_symbol = int((matched & by_symbol).sum())
     n_direct = int(matched.sum()) - n_symbol
-    result = GeneAlignment(index=index, n_direct=n_direct, n_symbol=n_symbol)
+    result = GeneAlignment(index=index, n_direct=n_direct, n_symbol=n_symbol,
+                           n_vocabulary=len(vocabulary))
     if result.n_matched == 0:
         examples = ", ".join(gene_ids[:3])
+        if not any(_looks_like_gene(g) for g in gene_ids[:1000]):
+            raise GeneAlignmentError(
+                f"The genes have no identifiers a model trained elsewhere can match (e.g. "
+                f"{examples}): CellPLM matches genes by Ensembl id or symbol, never by column "
+                "position. Put gene ids in a var column and pass "
+                "`setup_anndata(..., gene_id_key=...)`; data without gene names can only be "
+                "embedded by a model trained on it."
+            )
         raise GeneAlignmentError(
             f"None of the {len(gene_ids)} genes (e.g. {examples}) is in the model's gene "
             f"vocabulary of {len(vocabulary)} genes, neither by id nor via the offline "
-            "human/mouse symbol → Ensembl tables. Pass Ensembl ids with "
+            "human/mouse symbol → Ensembl tables. Pass Ensembl ids or symbols with "
             "`setup_anndata(..., gene_id_key=...)`."
         )
-    if result.n_matched < LOW_OVERLAP * len(gene_ids):
+    if result.vocabulary_share < LOW_VOCABULARY_SHARE:
         warnings.warn(
-            f"Low gene overlap with the model vocabulary: {result.summary()}. Unmatched genes are "
-            "ignored by the embedding and predicted as 0.",
+            f"Low gene overlap with the model vocabulary: {result.summary()}. Vocabulary genes "
+            "the data lacks are unmeasured (they enter neither the embedding nor the loss).",
             UserWarning,
             stacklevel=2,
         )
-    logger.info(result.summary())
+    logger.info("Gene alignment: %s.", result.summary())
     return result
+
+
+def _looks_like_gene(gene_id: str) -> bool:
+    """Whether ``gene_id`` could be a gene identifier (not a plain number or row label)."""
+    return bool(re.search(r"[A-Za-z]", gene_id)) and not re.fullmatch(r"(gene|feature)?[_-]?\d+", gene_id,
+                                                                         flags=re.IGNORECASE)

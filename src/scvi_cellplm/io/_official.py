@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .._constants import OFFICIAL_SENTENCE_CELLS
 from .._exceptions import CheckpointError
 from ._safe_load import safe_torch_load
 
@@ -106,6 +107,8 @@ def config_to_kwargs(config: dict) -> dict[str, Any]:
         "n_batch_embeddings": int(config.get("batch_num", 0)),
         "n_dataset_embeddings": int(config.get("dataset_num", 0)),
         "batch_in_decoder": False,
+        # the official predict embeds a whole sample as one sentence: so do we, up to a bound
+        "max_cells_per_batch": OFFICIAL_SENTENCE_CELLS,
         # the official VAE layer is built with its default free bits (1.0), the GMVAE with lamda
         "kl_free_bits": float(config.get("lamda", 0.5)) if latent == "gmvae" else 1.0,
         "gmvae_gaussian_weight": float(config.get("w_li", 1.0)),
@@ -228,38 +231,6 @@ def ours_to_official(module) -> dict[str, torch.Tensor]:
     out["embedder.pe_enc.missing_pe"] = torch.zeros(n_hidden)
     out["embedder.pe_enc.pe_enc.weight"] = official_sinusoidal_table(n_hidden)
     return out
-
-
-def from_official(cls, prefix: str, adata, **overrides):
-    """Build ``cls`` (:class:`~scvi_cellplm.CellPLM`) from an official checkpoint pair.
-
-    Parameters
-    ----------
-    cls
-        The model class.
-    prefix
-        Path prefix: ``PREFIX.config.json`` and ``PREFIX.best.ckpt`` are read.
-    adata
-        AnnData registered with ``CellPLM.setup_anndata``; its genes are aligned to the
-        checkpoint's vocabulary (Ensembl ids; symbols mapped offline).
-    **overrides
-        Keyword arguments replacing translated ones, e.g. ``positional_encoding="sinusoidal"``
-        (new, untrained encoding to fine-tune) or ``max_cells_per_batch``.
-    """
-    config = read_official_config(prefix + CONFIG_SUFFIX)
-    kwargs = {**config_to_kwargs(config), **overrides}
-    state = read_official_weights(prefix + WEIGHTS_SUFFIX)
-    model = cls(adata, **kwargs)
-    mapped = official_to_ours(state, model.module)
-    result = model.module.load_state_dict(mapped, strict=False)
-    left = [k for k in result.missing_keys if not k.startswith("pos_encoder.") and k != "gene_index"]
-    if left or result.unexpected_keys:
-        raise CheckpointError(f"Weights left unset: {left}; unexpected: {result.unexpected_keys}.")
-    model.module.eval()
-    model.is_trained_ = True
-    model.official_config = {k: v for k, v in config.items() if k != "gene_list"}
-    logger.info("Loaded official checkpoint %s (%s).", prefix, config.get("name", "unnamed"))
-    return model
 
 
 def model_to_config(model) -> dict:

@@ -12,15 +12,19 @@ import torch
 from anndata import AnnData
 from scvi.data import AnnDataManager, fields
 
-from .._constants import REGISTRY_KEYS
+from .._constants import MODULE_KEYS, REGISTRY_KEYS
 from .._exceptions import InputDataError
 from ..module._classifier import CellPLMClassifierModule
-from ._cellplm import CellPLM, _anndata_fields, _check_obs_keys
+from ._base import CellPLMBase
+from ._cellplm import CellPLM
+from ._embedding import LatentMixin
+from ._setup import anndata_fields, check_obs_keys
+from ._transfer import transfer
 
 logger = logging.getLogger(__name__)
 
 
-class CellPLMAnnotator(CellPLM):
+class CellPLMAnnotator(LatentMixin, CellPLMBase):
     """A CellPLM backbone with a classification head, fine-tuned on labelled cells.
 
     Build it from a (pre)trained :class:`~scvi_cellplm.CellPLM` with :meth:`from_cellplm_model`;
@@ -35,6 +39,8 @@ class CellPLMAnnotator(CellPLM):
         Hidden width of the classification head.
     freeze_encoder
         Train only the head; the backbone weights stay as loaded.
+    label_categories
+        The labels the head predicts (default: the registered label categories).
     **kwargs
         Backbone hyperparameters, as for :class:`~scvi_cellplm.CellPLM`.
 
@@ -46,19 +52,29 @@ class CellPLMAnnotator(CellPLM):
     """
 
     _transfer_kwargs = {"allow_missing_labels": True}  # predict on new data without a labels column
+    # fine-tuning: no masking or cell dropout, short warm-up
+    _plan_defaults = {"mask_cell_rate": 0.0, "drop_cell_rate": 0.0, "n_steps_kl_warmup": None,
+                      "n_steps_lr_warmup": 10}
 
     def __init__(
         self,
         adata: AnnData | None = None,
         n_head_hidden: int = 128,
         freeze_encoder: bool = False,
+        label_categories: Sequence[str] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(adata, **kwargs)
         state = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
         mapping = list(state.categorical_mapping)
-        self.unlabeled_category_ = state.unlabeled_category
-        self.label_categories_ = [c for c in mapping if c != self.unlabeled_category_]
+        self.unlabeled_category_ = state.get("unlabeled_category")
+        registered = [c for c in mapping if c != self.unlabeled_category_]
+        self.label_categories_ = registered if label_categories is None else list(label_categories)
+        if not self.label_categories_:
+            raise InputDataError(
+                "No labelled cells: every label is the unlabelled category "
+                f"{self.unlabeled_category_!r}; an annotator needs some labelled cells."
+            )
         unlabeled_code = mapping.index(self.unlabeled_category_) if self.unlabeled_category_ in mapping else -1
         self.module = CellPLMClassifierModule(
             self.module,
@@ -74,7 +90,8 @@ class CellPLMAnnotator(CellPLM):
         )
         self.init_params_ = {
             "kwargs": {"kwargs": dict(kwargs)},
-            "non_kwargs": {"n_head_hidden": n_head_hidden, "freeze_encoder": freeze_encoder},
+            "non_kwargs": {"n_head_hidden": n_head_hidden, "freeze_encoder": freeze_encoder,
+                           "label_categories": list(self.label_categories_)},
         }
 
     @classmethod
@@ -107,13 +124,15 @@ class CellPLMAnnotator(CellPLM):
         if labels_key is None and "source_registry" not in kwargs:
             raise InputDataError("`labels_key` is required to train an annotator.")
         if "source_registry" not in kwargs:
-            _check_obs_keys(adata, labels_key=labels_key)
+            check_obs_keys(adata, labels_key=labels_key)
         else:
             kwargs.setdefault("allow_missing_labels", True)
         labels = fields.LabelsWithUnlabeledObsField(REGISTRY_KEYS.LABELS_KEY, labels_key,
                                                     unlabeled_category)
-        anndata_fields = _anndata_fields(adata, layer, batch_key, sample_key, labels, spatial_key)
-        manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        manager = AnnDataManager(
+            fields=anndata_fields(adata, layer, batch_key, sample_key, labels, spatial_key),
+            setup_method_args=setup_method_args,
+        )
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
 
@@ -149,23 +168,22 @@ class CellPLMAnnotator(CellPLM):
         cls.setup_anndata(adata, labels_key=labels_key, unlabeled_category=unlabeled_category,
                           **{k: args.get(k) for k in ("layer", "batch_key", "sample_key",
                                                       "spatial_key", "gene_id_key")})
-        params = model.init_params_
-        kwargs = {**params["non_kwargs"], **params["kwargs"].get("module_kwargs", {})}
-        for key in ("n_head_hidden", "freeze_encoder"):
-            kwargs.pop(key, None)
-        backbone_state = (model.module.backbone if hasattr(model.module, "backbone")
-                          else model.module).state_dict()
-        # keep the backbone's batch-embedding table whatever batches the new AnnData has
-        n_rows = [v.shape[0] for k, v in backbone_state.items() if k.endswith("batch.embedding.weight")]
-        if n_rows:
-            kwargs["n_batch_embeddings"] = n_rows[0]
-        ann = cls(adata, n_head_hidden=n_head_hidden, freeze_encoder=freeze_encoder, **kwargs)
-        ann.module.backbone.load_state_dict(backbone_state)
-        return ann
+        return transfer(cls, adata, model, n_head_hidden=n_head_hidden, freeze_encoder=freeze_encoder)
+
+    @classmethod
+    def _load_kwargs(cls, metadata: dict, registry: dict) -> dict:
+        """Files saved before ``label_categories`` was a parameter: the saved label categories."""
+        from ._saving import init_kwargs
+
+        if init_kwargs(metadata).get("label_categories") is not None:
+            return {}
+        state = registry["field_registries"][REGISTRY_KEYS.LABELS_KEY]["state_registry"]
+        unlabeled = state.get("unlabeled_category")
+        return {"label_categories": [c for c in state["categorical_mapping"] if c != unlabeled]}
 
     def train(self, max_epochs: int | None = 20, *, lr: float = 1e-3, max_cells_per_batch: int | None = 128,
               plan_kwargs: dict | None = None, **kwargs):
-        """Fine-tune on the labelled cells (no masking; see :meth:`CellPLM.train`).
+        """Fine-tune on the labelled cells (no masking; see :meth:`CellPLM.train <scvi_cellplm.CellPLM.train>`).
 
         ``max_cells_per_batch`` (default 128, at most the model's) is the size of the training
         windows and mini-batches: fine-tuning on windows of a sample gives many more optimisation
@@ -175,10 +193,8 @@ class CellPLMAnnotator(CellPLM):
         """
         if max_cells_per_batch is not None:
             max_cells_per_batch = min(max_cells_per_batch, self.max_cells_per_batch)
-        defaults = {"mask_cell_rate": 0.0, "drop_cell_rate": 0.0, "n_steps_kl_warmup": None,
-                    "n_steps_lr_warmup": 10}
         return super().train(max_epochs, lr=lr, max_cells_per_batch=max_cells_per_batch,
-                             plan_kwargs={**defaults, **(plan_kwargs or {})}, **kwargs)
+                             plan_kwargs=plan_kwargs, **kwargs)
 
     def _warn_unseen_labels(self, adata: AnnData) -> None:
         key = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY).original_key
@@ -210,16 +226,14 @@ class CellPLMAnnotator(CellPLM):
         in a warning (predictions are always among the training categories)."""
         if adata is not None:
             self._warn_unseen_labels(adata)
+        module = self.module
+
+        def compute(tensors: dict) -> torch.Tensor:
+            z = module.inference(**module._get_inference_input(tensors))[MODULE_KEYS.QZM_KEY]
+            return torch.softmax(module.generative(z)[MODULE_KEYS.LOGITS_KEY], dim=-1)
+
+        probs = self._collect(compute, adata, indices, batch_size, n_cols=len(self.label_categories_))
         adata = self._validate_anndata(adata)
-        pos = self._positions(indices, adata.n_obs)
-        n_out = adata.n_obs if indices is None else len(indices)
-        probs = np.zeros((n_out, len(self.label_categories_)), dtype=np.float32)
-        for obs, tensors in self._inference_batches(adata, indices, batch_size):
-            inputs = self.module._get_inference_input(tensors)
-            z = self.module.inference(**inputs)["qzm"]
-            p = torch.softmax(self.module.generative(z)["logits"], dim=-1).float().cpu().numpy()
-            keep = pos[obs] >= 0
-            probs[pos[obs][keep]] = p[keep]
         names = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
         if soft:
             return pd.DataFrame(probs, index=names, columns=self.label_categories_)

@@ -13,12 +13,16 @@ from anndata import AnnData
 from scipy import sparse
 from scvi.data import AnnDataManager, fields
 
-from .._constants import MODULE_KEYS, PERTURBATION_KEY, REGISTRY_KEYS
-from .._exceptions import CheckpointError, InputDataError
-from ..data import INDICES_KEY, make_sentences, sentence_dataloader
+from .._constants import DATA_KEYS, MODULE_KEYS, REGISTRY_KEYS
+from .._exceptions import GeneAlignmentError, InputDataError
+from ..data import registered_gene_ids
 from ..data._perturbation import PerturbationDataSplitter, log_normalize
+from ..io._genes import align_genes
 from ..module._perturbation import CellPLMPerturbationModule
-from ._cellplm import CellPLM, _anndata_fields, _check_obs_keys
+from ._base import CellPLMBase
+from ._cellplm import CellPLM
+from ._setup import anndata_fields, check_obs_keys
+from ._transfer import transfer
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +30,7 @@ Perturbation = str | Sequence[str]
 _NO_GENE = ("", "ctrl", "control")
 
 
-class CellPLMPerturbation(CellPLM):
+class CellPLMPerturbation(CellPLMBase):
     """A CellPLM backbone with a perturbation head: post-perturbation expression of control cells.
 
     .. warning::
@@ -56,6 +60,9 @@ class CellPLMPerturbation(CellPLM):
         Library size of the predicted (and fitted) ``log1p`` normalised expression.
     training_perturbations
         Perturbations with training cells (default: read from the registered AnnData).
+    head_genes
+        Gene ids of the head's inputs and predictions (default: the registered genes). Another
+        AnnData is matched to them by identifier in :meth:`predict`.
     **kwargs
         Backbone hyperparameters, as for :class:`~scvi_cellplm.CellPLM`.
 
@@ -66,6 +73,9 @@ class CellPLMPerturbation(CellPLM):
     >>> pred = pert.predict(perturbations=["KLF1", "KLF1+CEBPA"])  # AnnData: perturbations x genes
     """
 
+    _plan_defaults = {"mask_cell_rate": 0.0, "drop_cell_rate": 0.0, "n_steps_kl_warmup": None,
+                      "n_steps_lr_warmup": 10}
+
     def __init__(
         self,
         adata: AnnData | None = None,
@@ -73,9 +83,11 @@ class CellPLMPerturbation(CellPLM):
         zero_perturbed_genes: bool = True,
         target_sum: float = 1e4,
         training_perturbations: Sequence[str] | None = None,
+        head_genes: Sequence[str] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(adata, **kwargs)
+        self.head_genes_ = list(registered_gene_ids(self.adata_manager) if head_genes is None else head_genes)
         setup = self._setup_args()
         self.perturbation_key = setup["perturbation_key"]
         self.control_category = str(setup["control_category"])
@@ -90,9 +102,13 @@ class CellPLMPerturbation(CellPLM):
         baseline = None
         if labels is not None and (labels == self.control_category).any():
             baseline = torch.as_tensor(self._control_mean(np.flatnonzero(labels == self.control_category)))
+        with warnings.catch_warnings():  # the overlap was reported for the registered data
+            warnings.simplefilter("ignore")
+            alignment = align_genes(self.head_genes_, self.gene_vocabulary)
         self.module = CellPLMPerturbationModule(
-            self.module, n_head_hidden=n_head_hidden, zero_perturbed_genes=zero_perturbed_genes,
-            baseline=baseline,
+            self.module, len(self.head_genes_),
+            gene_index=None if alignment.is_identity else torch.as_tensor(alignment.index),
+            n_head_hidden=n_head_hidden, zero_perturbed_genes=zero_perturbed_genes, baseline=baseline,
         )
         self._model_summary_string = (
             f"CellPLMPerturbation (experimental): {len(self.training_perturbations_)} training "
@@ -105,6 +121,7 @@ class CellPLMPerturbation(CellPLM):
                 "zero_perturbed_genes": zero_perturbed_genes,
                 "target_sum": self.target_sum,
                 "training_perturbations": list(self.training_perturbations_),
+                "head_genes": list(self.head_genes_),
             },
         }
 
@@ -139,7 +156,7 @@ class CellPLMPerturbation(CellPLM):
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         if "source_registry" not in kwargs:
-            _check_obs_keys(adata, perturbation_key=perturbation_key)
+            check_obs_keys(adata, perturbation_key=perturbation_key)
             values = adata.obs[perturbation_key].astype(str)
             if not (values == str(control_category)).any():
                 raise InputDataError(
@@ -147,8 +164,10 @@ class CellPLMPerturbation(CellPLM):
                     f"control_category={control_category!r} (values: {list(values.unique()[:5])})."
                 )
         labels = fields.CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, None)
-        anndata_fields = _anndata_fields(adata, layer, batch_key, sample_key, labels, spatial_key)
-        manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        manager = AnnDataManager(
+            fields=anndata_fields(adata, layer, batch_key, sample_key, labels, spatial_key),
+            setup_method_args=setup_method_args,
+        )
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
 
@@ -194,30 +213,9 @@ class CellPLMPerturbation(CellPLM):
         setup = {k: args.get(k) for k in ("layer", "batch_key", "sample_key", "spatial_key", "gene_id_key")}
         cls.setup_anndata(adata, perturbation_key=perturbation_key, control_category=control_category,
                           **{**setup, **setup_kwargs})
-        params = model.init_params_
-        kwargs = {**params["non_kwargs"], **params["kwargs"].get("module_kwargs", {})}
-        for key in ("n_head_hidden", "freeze_encoder", "zero_perturbed_genes", "target_sum",
-                    "training_perturbations"):
-            kwargs.pop(key, None)
-        backbone = model.module.backbone if hasattr(model.module, "backbone") else model.module
-        state = {k: v for k, v in backbone.state_dict().items()
-                 if k not in ("gene_index", "dataset_gene_mask")}
-        n_rows = [v.shape[0] for k, v in state.items() if k.endswith("batch.embedding.weight")]
-        if n_rows:
-            kwargs["n_batch_embeddings"] = n_rows[0]
-        key = (setup_kwargs.get("gene_id_key") if "gene_id_key" in setup_kwargs else setup["gene_id_key"])
-        ids = [str(g) for g in (adata.var_names if key is None else adata.var[key])]
-        if backbone.gene_index is not None or ids != list(model.gene_vocabulary):
-            kwargs["gene_vocabulary"] = list(model.gene_vocabulary)
-        if max_cells_per_batch is not None:
-            kwargs["max_cells_per_batch"] = max_cells_per_batch
-        pert = cls(adata, n_head_hidden=n_head_hidden, zero_perturbed_genes=zero_perturbed_genes,
-                   target_sum=target_sum, **kwargs)
-        missing, unexpected = pert.module.backbone.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k not in ("gene_index", "dataset_gene_mask")]  # data-specific
-        if missing or unexpected:
-            raise CheckpointError(f"Backbone weights do not fit: missing {missing}, unexpected {unexpected}.")
-        return pert
+        overrides = {} if max_cells_per_batch is None else {"max_cells_per_batch": max_cells_per_batch}
+        return transfer(cls, adata, model, overrides, n_head_hidden=n_head_hidden,
+                        zero_perturbed_genes=zero_perturbed_genes, target_sum=target_sum)
 
     # ------------------------------------------------------------------ perturbations
     def _parse(self, perturbation: Perturbation) -> tuple[str, ...]:
@@ -236,14 +234,15 @@ class CellPLMPerturbation(CellPLM):
         return "+".join(self._parse(perturbation)) or self.control_category
 
     def _gene_positions(self, genes: Sequence[str], manager: AnnDataManager, what: str) -> np.ndarray:
-        """Column of each gene (by var name or registered gene id); unknown genes raise."""
+        """Head column of each gene (a head gene id, or a var name of ``manager``'s data)."""
+        lookup = {g: i for i, g in enumerate(self.head_genes_)}
+        ids = registered_gene_ids(manager)
         var = self._registered_var(manager)
-        lookup = {str(g): i for i, g in enumerate(self._registered_gene_ids(manager))}
-        lookup.update({str(g): i for i, g in enumerate(var.index)})
+        lookup.update({str(name): lookup[g] for name, g in zip(var.index, ids) if g in lookup})
         unknown = sorted({g for g in genes if g not in lookup})
         if unknown:
             raise InputDataError(
-                f"The {what} name genes that are not among the model's {len(var)} genes: "
+                f"The {what} name genes that are not among the model's {len(self.head_genes_)} genes: "
                 f"{unknown[:10]}. Genes are matched to adata.var_names; keep perturbed genes when "
                 "selecting highly variable genes."
             )
@@ -251,10 +250,30 @@ class CellPLMPerturbation(CellPLM):
 
     def _encode(self, perturbations: Sequence[Perturbation], manager: AnnDataManager) -> np.ndarray:
         """``(n_perturbations, n_vars)`` multi-hot matrix of the perturbed genes."""
-        out = np.zeros((len(perturbations), manager.summary_stats.n_vars), dtype=np.float32)
+        out = np.zeros((len(perturbations), len(self.head_genes_)), dtype=np.float32)
         for row, p in enumerate(perturbations):
             out[row, self._gene_positions(self._parse(p), manager, "perturbations")] = 1.0
         return out
+
+    def _in_head_genes(self, adata: AnnData | None) -> AnnData | None:
+        """``adata`` with the head's genes as its columns, in the head's order, matched by id."""
+        if adata is None:
+            return None
+        adata = self._validate_anndata(adata)
+        ids = registered_gene_ids(self.get_anndata_manager(adata, required=True))
+        if ids == self.head_genes_:
+            return adata
+        cols = pd.Index(ids).get_indexer(self.head_genes_)
+        if (cols < 0).any():
+            lacking = [g for g, c in zip(self.head_genes_, cols) if c < 0]
+            raise GeneAlignmentError(
+                f"The AnnData lacks {len(lacking)} of the perturbation model's "
+                f"{len(self.head_genes_)} genes (e.g. {lacking[:5]}): the head reads and predicts "
+                "exactly its training genes, matched by identifier."
+            )
+        logger.info("Perturbation model: the AnnData's genes matched to its %d genes by identifier.",
+                    len(cols))
+        return adata[:, cols].copy()
 
     def _perturbation_labels(self, manager: AnnDataManager, required: bool) -> np.ndarray | None:
         obs = manager.adata.obs
@@ -275,10 +294,6 @@ class CellPLMPerturbation(CellPLM):
             total += log_normalize(rows.astype(np.float32), self.target_sum).sum(0)
         return (total / max(len(cells), 1)).astype(np.float32)
 
-    def _control_sentences(self, manager: AnnDataManager, cells: np.ndarray) -> list[np.ndarray]:
-        return make_sentences(self._sample_codes(manager), self.max_cells_per_batch,
-                              self._windower(manager), indices=cells)
-
     # ------------------------------------------------------------------ training
     def _data_splitter(self, max_cells_per_batch: int | None, validation_size: float, seed: int):
         manager = self.adata_manager
@@ -289,7 +304,7 @@ class CellPLMPerturbation(CellPLM):
         codes[labels == self.control_category] = 0
         if not categories:
             raise InputDataError("The AnnData has no perturbed cells to train on.")
-        sentences = self._control_sentences(manager, np.flatnonzero(codes == 0))
+        sentences = self._sentences(manager, np.flatnonzero(codes == 0))
         self.training_perturbations_ = sorted(set(self.training_perturbations_) | set(categories))
         self.perturbed_genes_ = sorted({g for p in self.training_perturbations_ for g in self._parse(p)})
         self.init_params_["non_kwargs"]["training_perturbations"] = list(self.training_perturbations_)
@@ -309,10 +324,8 @@ class CellPLMPerturbation(CellPLM):
         :meth:`CellPLM.train <scvi_cellplm.CellPLM.train>`; ``validation_size`` holds out a fraction
         of each perturbation's cells.
         """
-        defaults = {"mask_cell_rate": 0.0, "drop_cell_rate": 0.0, "n_steps_kl_warmup": None,
-                    "n_steps_lr_warmup": 10}
         return super().train(max_epochs, lr=lr, max_cells_per_batch=max_cells_per_batch,
-                             plan_kwargs={**defaults, **(plan_kwargs or {})}, **kwargs)
+                             plan_kwargs=plan_kwargs, **kwargs)
 
     # ------------------------------------------------------------------ prediction
     @torch.inference_mode()
@@ -357,7 +370,7 @@ class CellPLMPerturbation(CellPLM):
         ~scvi_cellplm.InputDataError
             A perturbation names a gene the model does not have, or there are no control cells.
         """
-        adata = self._validate_anndata(adata)
+        adata = self._validate_anndata(self._in_head_genes(adata))
         manager = self.get_anndata_manager(adata, required=True)
         if indices is None:
             labels = adata.obs[self.perturbation_key].astype(str).to_numpy() \
@@ -378,25 +391,21 @@ class CellPLMPerturbation(CellPLM):
                 "from the learned projection of their gene embeddings (an untested extrapolation).",
                 UserWarning, stacklevel=2,
             )
-        pos = self._positions(cells, adata.n_obs)
+        module = self.module
         n_vars = multi_hot.shape[1]
-        out = np.zeros((len(names), 1 if aggregate else len(cells), n_vars), dtype=np.float32)
-        loader = sentence_dataloader(manager, self._control_sentences(manager, cells),
-                                     batch_size or self.max_cells_per_batch, load_sparse_tensor=True)
-        self.module.eval()
-        for tensors in loader:
-            obs = tensors[INDICES_KEY].numpy()
-            inputs = self.module._get_inference_input({**tensors, PERTURBATION_KEY: multi_hot[:1]})
-            for row in range(len(names)):
-                inputs[PERTURBATION_KEY] = multi_hot[row].expand(len(obs), -1)
-                h = self.module.inference(**inputs)
-                pred = self.module.generative(**self.module._get_generative_input(tensors, h))
-                values = pred[MODULE_KEYS.PREDICTION_KEY].float().cpu().numpy()
-                if aggregate:
-                    out[row, 0] += values.sum(0)
-                else:
-                    out[row, pos[obs]] = values
-        var = self._registered_var(manager).copy()
+        predictions = []
+        for row in range(len(names)):
+
+            def compute(tensors: dict, hot=multi_hot[row]) -> torch.Tensor:
+                n = tensors[REGISTRY_KEYS.X_KEY].shape[0]
+                inputs = module._get_inference_input({**tensors, DATA_KEYS.PERTURBATION_KEY: hot.expand(n, -1)})
+                h = module.inference(**inputs)
+                return module.generative(**module._get_generative_input(tensors, h))[MODULE_KEYS.PREDICTION_KEY]
+
+            values = self._collect(compute, adata, cells, batch_size, context="indices", n_cols=n_vars)
+            predictions.append(values.mean(0, keepdims=True) if aggregate else values)
+        out = np.stack(predictions)
+        var = self._registered_var(manager).copy()  # the head genes, in the head's order
         uns = {"cellplm_perturbation": {"scale": f"log1p(counts / total * {self.target_sum:g})",
                                         "control_category": self.control_category}}
         if aggregate:
@@ -406,7 +415,7 @@ class CellPLMPerturbation(CellPLM):
                  "n_control_cells": len(cells)},
                 index=pd.Index(names, name=None),
             )
-            return AnnData(out[:, 0] / len(cells), obs=obs_df, var=var, uns=uns)
+            return AnnData(out[:, 0], obs=obs_df, var=var, uns=uns)
         cell_names = adata.obs_names[cells].astype(str)
         obs_df = pd.DataFrame({
             "perturbation": pd.Categorical(np.repeat(names, len(cells)), categories=names),

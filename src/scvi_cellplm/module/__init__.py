@@ -1,6 +1,6 @@
 """Pure-torch CellPLM network and its parts."""
 
-from ._module import CellPLMModule
+from ._module import CellPLMModule, dense
 from ._perturbation import CellPLMPerturbationModule
 from .attention import FlowAttention, SoftmaxAttention
 from .decoder import NBDecoder
@@ -23,6 +23,7 @@ __all__ = [
     "PositionalEncoding",
     "SoftmaxAttention",
     "VAELatent",
+    "dense",
     "normalize_coordinates",
     "sample_input_mask",
     "sample_kept_cells",

@@ -76,18 +76,19 @@ class CellPLMClassifierModule(BaseModuleClass):
         return {MODULE_KEYS.Z_KEY: inference_outputs[MODULE_KEYS.QZM_KEY]}
 
     @auto_move_data
-    def inference(self, x, sentence, coords=None, input_mask=None, sample=None) -> dict:
+    def inference(self, x, sentence, coords=None, input_mask=None, sample=None, gene_index=None) -> dict:
         """Backbone inference (posterior mean used for classification)."""
-        return self.backbone.inference(x, sentence, coords, input_mask=input_mask, sample=False)
+        return self.backbone.inference(x, sentence, coords, input_mask=input_mask, sample=False,
+                                       gene_index=gene_index)
 
     @auto_move_data
     def generative(self, z: torch.Tensor) -> dict:
         """Class logits from the embedding."""
-        return {"logits": self.head(z)}
+        return {MODULE_KEYS.LOGITS_KEY: self.head(z)}
 
     def loss(self, tensors, inference_outputs, generative_outputs, **kwargs) -> LossOutput:
         """Cross-entropy on labelled cells."""
-        logits = generative_outputs["logits"]
+        logits = generative_outputs[MODULE_KEYS.LOGITS_KEY]
         labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
         labelled = labels != self.unlabeled_code
         if labelled.any():

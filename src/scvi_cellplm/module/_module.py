@@ -9,7 +9,7 @@ from scvi.distributions import NegativeBinomial
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch.distributions import Normal
 
-from .._constants import MODULE_KEYS, REGISTRY_KEYS, SENTENCE_KEY
+from .._constants import MODULE_KEYS, REGISTRY_KEYS
 from ._norm import Norm
 from .attention import AttentionKind
 from .decoder import NBDecoder
@@ -30,17 +30,14 @@ class CellPLMModule(BaseModuleClass):
     encoding of coordinates) → :class:`~.encoder.CellEncoder` (attention within each sentence) →
     latent (VAE or GMVAE) → :class:`~.decoder.NBDecoder` over the gene vocabulary.
 
+    The module holds no data-specific state: which vocabulary row each input column is comes
+    with every call (``gene_index``, from the data loader's gene alignment; ``None`` when the
+    input columns are the vocabulary), so one module reads any dataset's genes.
+
     Parameters
     ----------
-    n_input
-        Number of input genes (columns of the registered counts).
     n_genes
-        Size of the gene vocabulary (rows of the gene table, outputs of the decoder). Defaults to
-        ``n_input``.
-    gene_index
-        For each input gene, its row in the vocabulary, or -1 when it is not in the vocabulary
-        (such genes are ignored by the embedder and the loss, and predicted as 0). ``None`` means
-        the identity (``n_genes == n_input``).
+        Size of the gene vocabulary (rows of the gene table, outputs of the decoder).
     n_batch, n_dataset
         Categories of the decoder's batch and dataset embeddings (0 = none).
     n_hidden, n_layers, n_heads
@@ -76,7 +73,7 @@ class CellPLMModule(BaseModuleClass):
         ``"nb"`` for raw counts (paper pretraining) or ``"gaussian"`` (squared error) for
         normalised, non-count values such as in-situ measurements.
     dataset_gene_mask
-        ``(n_dataset, n_input)`` booleans: which genes each dataset measured. The embedder reads
+        ``(n_dataset, n_genes)`` booleans: which vocabulary genes each dataset measured. The embedder reads
         only genes measured by every dataset (so all cells are embedded from the same panel);
         unmeasured genes never enter the loss (they are not zeros) and are what imputation
         predicts.
@@ -104,10 +101,8 @@ class CellPLMModule(BaseModuleClass):
 
     def __init__(
         self,
-        n_input: int,
+        n_genes: int,
         *,
-        n_genes: int | None = None,
-        gene_index: torch.Tensor | None = None,
         n_batch: int = 0,
         n_dataset: int = 0,
         n_hidden: int = 128,
@@ -139,16 +134,10 @@ class CellPLMModule(BaseModuleClass):
         self.gene_likelihood = gene_likelihood
         if dataset_gene_mask is not None:
             dataset_gene_mask = torch.as_tensor(dataset_gene_mask, dtype=torch.bool)
-            if dataset_gene_mask.ndim != 2 or dataset_gene_mask.shape[1] != n_input:
-                raise ValueError("`dataset_gene_mask` must be (n_dataset, n_input).")
+            if dataset_gene_mask.ndim != 2 or dataset_gene_mask.shape[1] != n_genes:
+                raise ValueError("`dataset_gene_mask` must be (n_dataset, n_genes).")
         self.register_buffer("dataset_gene_mask", dataset_gene_mask)
         self.embed_shared_genes = embed_shared_genes
-        n_genes = n_input if n_genes is None else n_genes
-        if gene_index is not None:
-            gene_index = torch.as_tensor(gene_index, dtype=torch.long)
-            if gene_index.shape != (n_input,) or int(gene_index.max()) >= n_genes:
-                raise ValueError("`gene_index` must hold one vocabulary row (or -1) per input gene.")
-        self.register_buffer("gene_index", gene_index)
         if input_center is not None:
             input_center = torch.as_tensor(input_center, dtype=torch.float32)
             if input_center.shape != (n_genes,) or not torch.isfinite(input_center).all():
@@ -159,7 +148,7 @@ class CellPLMModule(BaseModuleClass):
                     "(genes a dataset did not measure would read as below the centre)."
                 )
         self.register_buffer("input_center", input_center)
-        self.n_input, self.n_genes = n_input, n_genes
+        self.n_genes = n_genes
         self.n_latent = n_latent
         self.latent_distribution = latent_distribution
         self.positional_encoding = positional_encoding
@@ -197,8 +186,9 @@ class CellPLMModule(BaseModuleClass):
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
         return {
             MODULE_KEYS.X_KEY: tensors[REGISTRY_KEYS.X_KEY],
-            MODULE_KEYS.SENTENCE_KEY: tensors[SENTENCE_KEY],
+            MODULE_KEYS.SENTENCE_KEY: tensors[MODULE_KEYS.SENTENCE_KEY],
             MODULE_KEYS.COORDS_KEY: tensors.get(REGISTRY_KEYS.SPATIAL_KEY),
+            MODULE_KEYS.GENE_INDEX_KEY: tensors.get(MODULE_KEYS.GENE_INDEX_KEY),
         }
 
     def _get_generative_input(self, tensors: dict, inference_outputs: dict) -> dict:
@@ -206,31 +196,34 @@ class CellPLMModule(BaseModuleClass):
             MODULE_KEYS.Z_KEY: inference_outputs[MODULE_KEYS.Z_KEY],
             MODULE_KEYS.LIBRARY_KEY: inference_outputs[MODULE_KEYS.LIBRARY_KEY],
             MODULE_KEYS.BATCH_INDEX_KEY: tensors.get(REGISTRY_KEYS.BATCH_KEY),
-            "dataset_index": tensors.get(REGISTRY_KEYS.DATASET_KEY),
+            MODULE_KEYS.DATASET_INDEX_KEY: tensors.get(REGISTRY_KEYS.DATASET_KEY),
+            MODULE_KEYS.GENE_INDEX_KEY: tensors.get(MODULE_KEYS.GENE_INDEX_KEY),
         }
 
-    def measured_genes(self, n_cells: int, dataset_index: torch.Tensor | None) -> torch.Tensor:
-        """``(n_cells, n_input)`` booleans: genes measured for each cell and in the vocabulary."""
+    def measured_genes(
+        self, n_cells: int, n_input: int, dataset_index: torch.Tensor | None,
+        gene_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(n_cells, n_input)`` booleans: input genes measured for each cell and in the vocabulary."""
         device = self.embedder.gene_table.device
-        valid = torch.ones(n_cells, self.n_input, dtype=torch.bool, device=device)
-        if self.gene_index is not None:
-            valid = valid & self.input_gene_mask
+        valid = torch.ones(n_cells, n_input, dtype=torch.bool, device=device)
+        if gene_index is not None:
+            valid = valid & (gene_index >= 0)
         if self.dataset_gene_mask is not None and dataset_index is not None:
-            valid = valid & self.dataset_gene_mask[dataset_index.view(-1).long()]
+            valid = valid & self._input_panel(gene_index)[dataset_index.view(-1).long()]
         return valid
 
     # ---------------------------------------------------------------- pieces
-    @property
-    def input_column_center(self) -> torch.Tensor | None:
-        """``input_center`` of each input column (0 for columns outside the vocabulary)."""
-        if self.input_center is None or self.gene_index is None:
-            return self.input_center
-        return self.input_center[self.gene_index.clamp(min=0)] * (self.gene_index >= 0)
+    def _input_panel(self, gene_index: torch.Tensor | None) -> torch.Tensor:
+        """``dataset_gene_mask`` on the input columns ``(n_dataset, n_input)``."""
+        mask = self.dataset_gene_mask
+        return mask if gene_index is None else mask[:, gene_index.clamp(min=0)] & (gene_index >= 0)
 
-    @property
-    def input_gene_mask(self) -> torch.Tensor | None:
-        """Input genes that are in the vocabulary (``None`` when all are)."""
-        return None if self.gene_index is None else self.gene_index >= 0
+    def input_column_center(self, gene_index: torch.Tensor | None) -> torch.Tensor | None:
+        """``input_center`` of each input column (0 for columns outside the vocabulary)."""
+        if self.input_center is None or gene_index is None:
+            return self.input_center
+        return self.input_center[gene_index.clamp(min=0)] * (gene_index >= 0)
 
     def embed(
         self,
@@ -239,18 +232,21 @@ class CellPLMModule(BaseModuleClass):
         coords: torch.Tensor | None = None,
         input_mask: torch.Tensor | None = None,
         token_offset: torch.Tensor | None = None,
+        gene_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Contextualised cell tokens ``(n_cells, n_hidden)`` (before the latent layer).
 
         ``token_offset`` ``(n_cells, n_hidden)`` is added to the cell tokens before attention (e.g.
         a perturbation embedding, see :class:`~scvi_cellplm.module.CellPLMPerturbationModule`).
+        ``gene_index`` gives the vocabulary row of each input column (-1: not in the vocabulary,
+        ignored); ``None``: the columns are the vocabulary.
         """
-        center = self.input_column_center
+        center = self.input_column_center(gene_index)
         if input_mask is not None:
             if center is None:
-                x = _dense(x).masked_fill(input_mask, 0.0)
+                x = dense(x).masked_fill(input_mask, 0.0)
             else:  # a hidden entry reads as the centre: no deviation, rather than "not expressed"
-                x = torch.where(input_mask, torch.expm1(center).to(x.dtype), _dense(x))
+                x = torch.where(input_mask, torch.expm1(center).to(x.dtype), dense(x))
         positional = None
         if coords is None and (self.pos_encoder is not None or self.neighbourhood is not None):
             what = (f"positional_encoding={self.positional_encoding!r}" if self.pos_encoder is not None
@@ -262,8 +258,8 @@ class CellPLMModule(BaseModuleClass):
             positional = self.pos_encoder(coords, sentence)
         shared = None
         if self.dataset_gene_mask is not None and self.embed_shared_genes:  # genes all datasets measured
-            shared = self.dataset_gene_mask.all(dim=0)
-        h = self.embedder.expression(x, self.gene_index, keep=shared, center=center)
+            shared = self._input_panel(gene_index).all(dim=0)
+        h = self.embedder.expression(x, gene_index, keep=shared, center=center)
         if self.neighbourhood is not None:  # mixed in the linear expression space
             h = self.neighbourhood(h, coords, sentence)
         h = self.embedder.tokens(h, positional)
@@ -298,13 +294,18 @@ class CellPLMModule(BaseModuleClass):
         coords: torch.Tensor | None = None,
         input_mask: torch.Tensor | None = None,
         sample: bool | None = None,
+        gene_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Encode cells; ``sample`` defaults to ``self.training`` (eval is deterministic)."""
+        """Encode cells; ``sample`` defaults to ``self.training`` (eval is deterministic).
+
+        ``gene_index`` ``(n_input,)``: vocabulary row of each input column, -1 for columns outside
+        the vocabulary (ignored); ``None`` when the columns are the vocabulary.
+        """
         sample = self.training if sample is None else sample
         sentence = sentence.view(-1).long()
-        h = self.embed(x, sentence, coords, input_mask)
+        h = self.embed(x, sentence, coords, input_mask, gene_index=gene_index)
         out = self._latent(h, sample)
-        library = _row_sum(x, self.input_gene_mask)
+        library = _row_sum(x, None if gene_index is None else gene_index >= 0)
         outputs = {
             MODULE_KEYS.HIDDEN_KEY: h,
             MODULE_KEYS.Z_KEY: out["z"],
@@ -325,18 +326,20 @@ class CellPLMModule(BaseModuleClass):
         batch_index: torch.Tensor | None = None,
         dataset_index: torch.Tensor | None = None,
         decode_dataset_index: torch.Tensor | None = None,
+        gene_index: torch.Tensor | None = None,
     ) -> dict:
-        """Likelihood parameters over the input genes.
+        """Likelihood parameters over the input genes (the vocabulary when ``gene_index`` is None).
 
         ``dataset_index`` (the cells' own datasets) sets which genes their library covers;
         ``decode_dataset_index`` (default: the same) is the dataset the decoder speaks for.
+        Input columns outside the vocabulary (``gene_index`` -1) are predicted as 0.
         """
         decode = dataset_index if decode_dataset_index is None else decode_dataset_index
         mean, theta = self.decoder(z, batch_index, decode)
-        if self.gene_index is not None:
-            keep = self.input_gene_mask
-            mean = mean[:, self.gene_index.clamp(min=0)] * keep
-            theta = theta[self.gene_index.clamp(min=0)]
+        if gene_index is not None:
+            keep = gene_index >= 0
+            mean = mean[:, gene_index.clamp(min=0)] * keep
+            theta = theta[gene_index.clamp(min=0)]
         if self.gene_likelihood == "gaussian":
             return {
                 MODULE_KEYS.PX_SCALE_KEY: mean,
@@ -345,14 +348,14 @@ class CellPLMModule(BaseModuleClass):
             }
         scale = mean / mean.sum(dim=1, keepdim=True)
         if self.dataset_gene_mask is not None and dataset_index is not None:
-            measured = self.measured_genes(z.shape[0], dataset_index)
+            measured = self.measured_genes(z.shape[0], scale.shape[1], dataset_index, gene_index)
             rate = scale / (scale * measured).sum(1, keepdim=True).clamp(min=1e-12) * library.view(-1, 1)
         else:
             rate = scale * library.view(-1, 1)
         return {
             MODULE_KEYS.PX_SCALE_KEY: scale,
             MODULE_KEYS.PX_THETA_KEY: theta,
-            "px_rate": rate,
+            MODULE_KEYS.PX_RATE_KEY: rate,
             MODULE_KEYS.PX_KEY: NegativeBinomial(mu=rate.clamp(min=1e-8), theta=theta, validate_args=False),
         }
 
@@ -380,10 +383,11 @@ class CellPLMModule(BaseModuleClass):
         ``input_mask`` is None), plus ``masked_recon_weight`` × the hidden entries alone with the
         library rescaled to them. Genes outside the vocabulary never count.
         """
-        x = _dense(tensors[REGISTRY_KEYS.X_KEY])
+        x = dense(tensors[REGISTRY_KEYS.X_KEY])
         scale = generative_outputs[MODULE_KEYS.PX_SCALE_KEY]
         theta = generative_outputs[MODULE_KEYS.PX_THETA_KEY]
-        valid = self.measured_genes(x.shape[0], tensors.get(REGISTRY_KEYS.DATASET_KEY))
+        valid = self.measured_genes(x.shape[0], x.shape[1], tensors.get(REGISTRY_KEYS.DATASET_KEY),
+                                    tensors.get(MODULE_KEYS.GENE_INDEX_KEY))
         if input_mask is None:
             cells = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         else:
@@ -413,7 +417,8 @@ class CellPLMModule(BaseModuleClass):
         return gen[MODULE_KEYS.PX_KEY].sample((n_samples,)).squeeze(0)
 
 
-def _dense(x: torch.Tensor) -> torch.Tensor:
+def dense(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a strided (dense) tensor."""
     return x if x.layout == torch.strided else x.to_dense()
 
 

@@ -6,8 +6,8 @@ import torch
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
-from .._constants import MODULE_KEYS, PERTURBATION_KEY, REGISTRY_KEYS, SENTENCE_KEY, TARGET_KEY
-from ._module import CellPLMModule, _dense
+from .._constants import DATA_KEYS, MODULE_KEYS, REGISTRY_KEYS
+from ._module import CellPLMModule, dense
 
 
 class CellPLMPerturbationModule(BaseModuleClass):
@@ -28,6 +28,11 @@ class CellPLMPerturbationModule(BaseModuleClass):
     ----------
     backbone
         A (pretrained) :class:`~scvi_cellplm.module.CellPLMModule`.
+    n_input
+        Genes of the head: the columns of its input counts, perturbations and predictions.
+    gene_index
+        ``(n_input,)`` vocabulary row of each of those genes (-1: not in the vocabulary);
+        ``None``: they are the backbone's vocabulary.
     n_head_hidden
         Hidden width of the head.
     dropout
@@ -41,7 +46,9 @@ class CellPLMPerturbationModule(BaseModuleClass):
     def __init__(
         self,
         backbone: CellPLMModule,
+        n_input: int | None = None,
         *,
+        gene_index: torch.Tensor | None = None,
         n_head_hidden: int = 256,
         dropout: float = 0.1,
         zero_perturbed_genes: bool = True,
@@ -50,7 +57,13 @@ class CellPLMPerturbationModule(BaseModuleClass):
         super().__init__()
         self.backbone = backbone
         self.zero_perturbed_genes = zero_perturbed_genes
-        n_input, n_hidden = backbone.n_input, backbone.embedder.gene_table.shape[1]
+        n_input = backbone.n_genes if n_input is None else n_input
+        if gene_index is not None:
+            gene_index = torch.as_tensor(gene_index, dtype=torch.long)
+            if gene_index.shape != (n_input,) or int(gene_index.max()) >= backbone.n_genes:
+                raise ValueError("`gene_index` must hold one vocabulary row (or -1) per head gene.")
+        self.register_buffer("gene_index", gene_index)
+        n_hidden = backbone.embedder.gene_table.shape[1]
         self.perturbation_table = nn.Parameter(torch.zeros(n_input, n_hidden))
         # normalised gene vectors, so the projection starts at the scale of the cell tokens
         self.gene_projection = nn.Sequential(nn.LayerNorm(n_hidden), nn.Linear(n_hidden, n_hidden, bias=False))
@@ -74,14 +87,14 @@ class CellPLMPerturbationModule(BaseModuleClass):
 
     def perturbation_vectors(self) -> torch.Tensor:
         """``(n_input, n_hidden)``: the embedding of perturbing each input gene."""
-        genes = self.backbone.embedder.table_for(self.backbone.gene_index)
+        genes = self.backbone.embedder.table_for(self.gene_index)
         return self.perturbation_table + self.gene_projection(genes)
 
     def _get_inference_input(self, tensors: dict) -> dict:
         return {
             MODULE_KEYS.X_KEY: tensors[REGISTRY_KEYS.X_KEY],
-            MODULE_KEYS.SENTENCE_KEY: tensors[SENTENCE_KEY],
-            MODULE_KEYS.PERTURBATION_KEY: tensors[PERTURBATION_KEY],
+            MODULE_KEYS.SENTENCE_KEY: tensors[DATA_KEYS.SENTENCE_KEY],
+            MODULE_KEYS.PERTURBATION_KEY: tensors[DATA_KEYS.PERTURBATION_KEY],
             MODULE_KEYS.COORDS_KEY: tensors.get(REGISTRY_KEYS.SPATIAL_KEY),
         }
 
@@ -97,12 +110,13 @@ class CellPLMPerturbationModule(BaseModuleClass):
 
         ``perturbation`` is ``(n_cells, n_input)``: 1 for each gene perturbed in that cell.
         """
-        perturbation = _dense(perturbation).to(self.perturbation_table.dtype)
-        x = _dense(x)
+        perturbation = dense(perturbation).to(self.perturbation_table.dtype)
+        x = dense(x)
         if self.zero_perturbed_genes:
             x = x * (perturbation <= 0)
         offset = perturbation @ self.perturbation_vectors()
-        h = self.backbone.embed(x, sentence.view(-1).long(), coords, input_mask, token_offset=offset)
+        h = self.backbone.embed(x, sentence.view(-1).long(), coords, input_mask, token_offset=offset,
+                                gene_index=self.gene_index)
         return {MODULE_KEYS.HIDDEN_KEY: h, MODULE_KEYS.PERTURBATION_EMBEDDING_KEY: offset}
 
     @auto_move_data
@@ -113,7 +127,7 @@ class CellPLMPerturbationModule(BaseModuleClass):
     def loss(self, tensors, inference_outputs, generative_outputs, **kwargs) -> LossOutput:
         """Mean squared error to the post-perturbation expression (mean over genes and cells)."""
         prediction = generative_outputs[MODULE_KEYS.PREDICTION_KEY]
-        target = _dense(tensors[TARGET_KEY]).to(prediction.dtype)
+        target = dense(tensors[DATA_KEYS.TARGET_KEY]).to(prediction.dtype)
         mse = ((prediction - target) ** 2).mean()
         zero = torch.zeros(1, device=prediction.device)
         return LossOutput(loss=mse, reconstruction_loss=mse.expand(1), kl_local=zero,

@@ -1,8 +1,12 @@
 """Pretraining at scale: a corpus of AnnData files streamed from disk, DDP, checkpoints, resume."""
 
+from .._constants import DATA_KEYS
 from ._corpus import Corpus
-from ._loader import PADDING_KEY, PLATFORM_KEY, CorpusDataLoader, CorpusDataModule, CorpusDataset, CorpusSampler
+from ._loader import CorpusDataLoader, CorpusDataModule, CorpusDataset, CorpusSampler
 from ._pretrain import PretrainingPlan, build_model, load_pretrained, pretrain, vocabulary_template
+
+PADDING_KEY = DATA_KEYS.PADDING_KEY
+PLATFORM_KEY = DATA_KEYS.PLATFORM_KEY
 
 __all__ = [
     "PADDING_KEY",

@@ -17,16 +17,12 @@ import torch
 from scipy import sparse
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .._constants import REGISTRY_KEYS, SENTENCE_KEY
-from ..data import INDICES_KEY, pack_sentences
+from .._constants import DATA_KEYS, REGISTRY_KEYS
+from ..data import pack_sentences
 from ._corpus import Corpus
 
 logger = logging.getLogger(__name__)
 
-PLATFORM_KEY = "platform"
-"""Key of the per-cell platform code in corpus mini-batches (registered, not used by the network)."""
-PADDING_KEY = "_padding"
-"""Key of the flag of a padding mini-batch (a repeat that only keeps DDP ranks in step; weight 0)."""
 
 
 class CorpusDataset(Dataset):
@@ -35,7 +31,7 @@ class CorpusDataset(Dataset):
     Items are ``(sentence ids, padding flag)``; the result holds the keys the
     :class:`~scvi_cellplm.module.CellPLMModule` and its training plan consume: counts over the
     vocabulary (a sparse CSR tensor), batch, dataset and platform codes, the sentence number of
-    each cell within the mini-batch and its global cell id (``INDICES_KEY``).
+    each cell within the mini-batch and its global cell id (``DATA_KEYS.INDICES_KEY``).
     """
 
     def __init__(self, corpus: Corpus) -> None:
@@ -60,10 +56,10 @@ class CorpusDataset(Dataset):
             REGISTRY_KEYS.X_KEY: _csr_tensor(x),
             REGISTRY_KEYS.BATCH_KEY: torch.from_numpy(corpus.batch_codes[cell_ids].astype(np.int64))[:, None],
             REGISTRY_KEYS.DATASET_KEY: torch.from_numpy(np.concatenate(datasets).astype(np.int64))[:, None],
-            PLATFORM_KEY: torch.from_numpy(corpus.platform_codes[cell_ids].astype(np.int64))[:, None],
-            SENTENCE_KEY: torch.from_numpy(np.concatenate(sentence).astype(np.int64)),
-            INDICES_KEY: torch.from_numpy(cell_ids.astype(np.int64)),
-            PADDING_KEY: torch.tensor(bool(padding)),
+            DATA_KEYS.PLATFORM_KEY: torch.from_numpy(corpus.platform_codes[cell_ids].astype(np.int64))[:, None],
+            DATA_KEYS.SENTENCE_KEY: torch.from_numpy(np.concatenate(sentence).astype(np.int64)),
+            DATA_KEYS.INDICES_KEY: torch.from_numpy(cell_ids.astype(np.int64)),
+            DATA_KEYS.PADDING_KEY: torch.tensor(bool(padding)),
         }
 
 

@@ -16,12 +16,12 @@ import torch
 from anndata import AnnData
 from scipy import sparse
 
-from .._constants import REGISTRY_KEYS
+from .._constants import DATA_KEYS, REGISTRY_KEYS
 from .._presets import PRESETS
 from ..io._genes import Species
 from ..train import CellPLMTrainingPlan
 from ._corpus import Corpus
-from ._loader import PADDING_KEY, CorpusDataModule
+from ._loader import CorpusDataModule
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class PretrainingPlan(CellPLMTrainingPlan):
     def training_step(self, batch, batch_idx):
         """Seed this step's draws, then mask and reconstruct (weight 0 for padding)."""
         torch.manual_seed(step_seed(self.seed, self.global_step, self.global_rank))
-        padding = bool(batch.pop(PADDING_KEY, torch.tensor(False)))
+        padding = bool(batch.pop(DATA_KEYS.PADDING_KEY, torch.tensor(False)))
         loss = super().training_step(batch, batch_idx)
         if padding:
             loss = loss * 0.0
@@ -318,22 +318,16 @@ def load_pretrained(dir_path: str | os.PathLike, adata: AnnData, **kwargs):
         Replace keyword arguments of the pretrained model (e.g. ``max_cells_per_batch``).
     """
     from ..model import CellPLM
-    from ..model._saving import MODEL_FILE, _decode, read_model_file
+    from ..model._saving import MODEL_FILE, init_kwargs, read_model_file
+    from ..model._transfer import build_like, table_sizes
 
     path = Path(dir_path)
     if (path / MODEL_DIR / MODEL_FILE).exists():
         path = path / MODEL_DIR
     state, metadata = read_model_file(str(path / MODEL_FILE))
-    params = _decode(metadata["init_params_"])
-    init = {**params["non_kwargs"], **params["kwargs"].get("module_kwargs", {})}
-    init.pop("adata", None)
-    init = {**init, "gene_vocabulary": metadata["var_names"], **kwargs}
-    model = CellPLM(adata, **init)
-    ours = model.module.state_dict()
-    missing = [k for k in ours if k not in state and k not in ("gene_index", "dataset_gene_mask")]
-    if missing:
-        raise ValueError(f"The pretrained weights lack {missing[:5]}.")
-    model.module.load_state_dict({**ours, **{k: v for k, v in state.items() if k in ours}})
+    vocabulary = metadata.get("gene_vocabulary") or metadata["var_names"]
+    init = {**init_kwargs(metadata), **table_sizes(state), "gene_vocabulary": vocabulary, **kwargs}
+    model = build_like(CellPLM, adata, init, state)
     model.module.eval()
     model.is_trained_ = True
     return model

@@ -1,6 +1,6 @@
-"""Spatial CellPLM: sentences from squidpy neighbourhood graphs, gene imputation."""
+"""Spatial workflows (gene imputation from a reference) and the spatial graph helpers."""
 
+from ..data._graph import graph_windows, spatial_graph
 from ._impute import impute_genes, joint_anndata
-from ._windows import CONNECTIVITIES_KEY, graph_windows, spatial_graph
 
-__all__ = ["CONNECTIVITIES_KEY", "graph_windows", "impute_genes", "joint_anndata", "spatial_graph"]
+__all__ = ["graph_windows", "impute_genes", "joint_anndata", "spatial_graph"]

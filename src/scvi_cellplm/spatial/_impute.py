@@ -1,4 +1,5 @@
-"""Spatial gene imputation with an scRNA-seq reference, through one joint CellPLM."""
+"""Spatial gene imputation with an scRNA-seq reference, through one joint CellPLM (a workflow
+above the model: it builds, trains and queries one)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+from .._constants import COLUMNS
+from ..model import CellPLM
+
 logger = logging.getLogger(__name__)
 
-DATASET_COLUMN = "_cellplm_dataset"
-SAMPLE_COLUMN = "_cellplm_sample"
+DATASET_COLUMN = COLUMNS.DATASET
+SAMPLE_COLUMN = COLUMNS.SAMPLE
 
 
 def joint_anndata(
@@ -166,8 +170,6 @@ def impute_genes(
     Gaussian likelihood, values are on the reference's scale (each gene in units of its 99th
     percentile in the reference), since the spatial values are quantile-matched to it.
     """
-    from ..model import CellPLM
-
     if genes is None:
         genes = [g for g in reference.var_names if g not in set(spatial.var_names)]
     missing = [g for g in genes if g not in set(reference.var_names) | set(spatial.var_names)]

@@ -8,8 +8,8 @@ from typing import Literal
 import torch
 from scvi.train import TrainingPlan
 
-from .._constants import REGISTRY_KEYS, SENTENCE_KEY
-from ..module._module import _dense
+from .._constants import DATA_KEYS, REGISTRY_KEYS
+from ..module import dense
 from ..module.masking import sample_input_mask, sample_kept_cells
 
 
@@ -93,12 +93,13 @@ class CellPLMTrainingPlan(TrainingPlan):
     # ------------------------------------------------------------ corruption
     def _corrupt(self, batch: dict, drop_cells: bool) -> tuple[dict, torch.Tensor | None]:
         batch = dict(batch)
-        batch[REGISTRY_KEYS.X_KEY] = _dense(batch[REGISTRY_KEYS.X_KEY])
-        sentence = batch[SENTENCE_KEY].view(-1).long()
+        batch[REGISTRY_KEYS.X_KEY] = dense(batch[REGISTRY_KEYS.X_KEY])
+        sentence = batch[DATA_KEYS.SENTENCE_KEY].view(-1).long()
         if drop_cells and self.drop_cell_rate > 0:
             keep = sample_kept_cells(sentence, drop_cell_rate=self.drop_cell_rate)
-            batch = {k: v[keep] if torch.is_tensor(v) and v.ndim else v for k, v in batch.items()}
-            sentence = batch[SENTENCE_KEY].view(-1).long()
+            batch = {k: v[keep] if torch.is_tensor(v) and v.ndim and k != DATA_KEYS.GENE_INDEX_KEY else v
+                     for k, v in batch.items()}
+            sentence = batch[DATA_KEYS.SENTENCE_KEY].view(-1).long()
         coords = batch.get(REGISTRY_KEYS.SPATIAL_KEY)
         if drop_cells and self.drop_position_rate > 0 and coords is not None:
             n_sentences = int(sentence.max()) + 1 if sentence.numel() else 0

@@ -9,12 +9,10 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
-from ..data._sentences import bisect_windows
+from .._constants import COLUMNS
+from ._sentences import bisect_windows
 
 logger = logging.getLogger(__name__)
-
-CONNECTIVITIES_KEY = "spatial_connectivities"
-"""Where squidpy stores the spatial graph (``obsp``); reused when present."""
 
 
 def spatial_graph(
@@ -26,9 +24,9 @@ def spatial_graph(
     """The spatial neighbourhood graph of ``adata``: ``obsp['spatial_connectivities']`` when
     squidpy already built it, else a kNN graph from :func:`squidpy.gr.spatial_neighbors_knn`
     (one graph per ``library_key`` sample), computed without modifying ``adata``."""
-    if CONNECTIVITIES_KEY in adata.obsp:
-        logger.info("Reusing adata.obsp[%r] for spatial windows.", CONNECTIVITIES_KEY)
-        return sparse.csr_matrix(adata.obsp[CONNECTIVITIES_KEY])
+    if COLUMNS.CONNECTIVITIES in adata.obsp:
+        logger.info("Reusing adata.obsp[%r] for spatial windows.", COLUMNS.CONNECTIVITIES)
+        return sparse.csr_matrix(adata.obsp[COLUMNS.CONNECTIVITIES])
     import squidpy as sq
 
     coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)

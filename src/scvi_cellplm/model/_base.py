@@ -1,0 +1,359 @@
+"""The shared base of CellPLM models: the backbone, AnnData validation, training, saving."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Sequence
+from typing import Literal
+
+import pandas as pd
+import rich.pretty  # noqa: F401  (scvi-tools' view_anndata_setup uses rich.pretty without importing it)
+import torch
+from anndata import AnnData
+from mudata import MuData
+from scvi.model._utils import get_max_epochs_heuristic
+from scvi.model.base import BaseModelClass
+from scvi.train import TrainRunner
+
+from .._constants import REGISTRY_KEYS
+from .._exceptions import GeneAlignmentError, InputDataError
+from .._presets import PRESETS
+from ..data import SentenceDataSplitter, make_windower, registered_gene_ids, registered_var
+from ..data._statistics import log1p_means, measured_genes, to_vocabulary
+from ..module import CellPLMModule
+from ..module._norm import Norm
+from ..module.attention import AttentionKind
+from ..module.latent import LatentDistribution
+from ..module.positional import PositionalEncodingKind
+from ..train import CellPLMTrainingPlan
+from . import _saving
+from ._inference import SentenceInferenceMixin
+from ._setup import looks_like_counts
+
+logger = logging.getLogger(__name__)
+
+
+class CellPLMBase(SentenceInferenceMixin, BaseModelClass):
+    """A CellPLM backbone on registered data; :class:`~scvi_cellplm.CellPLM` documents the arguments.
+
+    The heads (:class:`~scvi_cellplm.CellPLMAnnotator`, :class:`~scvi_cellplm.CellPLMPerturbation`)
+    and :class:`~scvi_cellplm.CellPLM` are siblings over this base, each exposing only the outputs
+    its module has.
+    """
+
+    _module_cls = CellPLMModule
+    _training_plan_cls = CellPLMTrainingPlan
+    _transfer_kwargs: dict = {}  # extra arguments of the registry transfer to new AnnData
+    _plan_defaults: dict = {}  # training-plan defaults of this kind of model
+
+    def __init__(
+        self,
+        adata: AnnData | MuData | None = None,
+        n_hidden: int = 128,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        n_latent: int = 32,
+        n_decoder_layers: int = 2,
+        n_clusters: int = 16,
+        latent_distribution: LatentDistribution = "gmvae",
+        attention: AttentionKind = "flowformer",
+        positional_encoding: PositionalEncodingKind = "none",
+        norm: Norm = "layernorm",
+        dropout: float = 0.1,
+        max_cells_per_batch: int = 4000,
+        gene_vocabulary: Sequence[str] | None = None,
+        n_batch_embeddings: int | None = None,
+        n_dataset_embeddings: int = 0,
+        batch_in_decoder: bool = True,
+        gene_likelihood: Literal["nb", "gaussian"] = "nb",
+        center_input: bool = False,
+        n_spatial_neighbors: int = 0,
+        **module_kwargs,
+    ) -> None:
+        super().__init__(adata)
+        if max_cells_per_batch < 1:
+            raise InputDataError(f"`max_cells_per_batch` must be positive, got {max_cells_per_batch}.")
+        if n_spatial_neighbors < 0:
+            raise InputDataError(f"`n_spatial_neighbors` must be >= 0, got {n_spatial_neighbors}.")
+        self.backbone_kwargs_ = {
+            k: v for k, v in locals().items()
+            if k not in ("self", "adata", "module_kwargs", "__class__")
+        } | dict(module_kwargs)
+        self.max_cells_per_batch = int(max_cells_per_batch)
+        self.batch_in_decoder = batch_in_decoder
+        manager = self.adata_manager
+        if gene_vocabulary is None:
+            ids = pd.Index(registered_gene_ids(manager))
+            duplicated = ids[ids.duplicated()].unique()
+            if len(duplicated):
+                raise GeneAlignmentError(
+                    f"Gene ids must be unique; duplicated: {list(duplicated[:5])}. Call "
+                    "`adata.var_names_make_unique()` or choose another `gene_id_key`."
+                )
+            gene_vocabulary = list(ids)
+        self.gene_vocabulary = [str(g) for g in gene_vocabulary]
+        n_genes = len(self.gene_vocabulary)
+        index = self._gene_index(manager)  # the training data's genes, by identity
+        n_spatial = self.summary_stats.get(f"n_{REGISTRY_KEYS.SPATIAL_KEY}", 0)
+        for what, wanted in ((f"positional_encoding={positional_encoding!r}", positional_encoding != "none"),
+                             (f"n_spatial_neighbors={n_spatial_neighbors}", n_spatial_neighbors > 0)):
+            if wanted and not n_spatial:
+                raise InputDataError(
+                    f"{what} needs spatial coordinates: call "
+                    "`CellPLM.setup_anndata(adata, spatial_key='spatial')` first."
+                )
+        if gene_likelihood == "nb" and not looks_like_counts(manager):
+            raise InputDataError(
+                "gene_likelihood='nb' needs raw counts, but the registered data holds non-integer "
+                "values. Register the raw counts (`layer=...`), or use gene_likelihood='gaussian' "
+                "for normalised data."
+            )
+        registry = manager.data_registry
+        self.decoder_batch_categories_ = (
+            [str(c) for c in manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping]
+            if REGISTRY_KEYS.BATCH_KEY in registry else []
+        )
+        n_batch = self.summary_stats.n_batch if n_batch_embeddings is None else n_batch_embeddings
+        panels = vocabulary_panels = None
+        if REGISTRY_KEYS.DATASET_KEY in registry:
+            panels = measured_genes(manager)
+            vocabulary_panels = torch.as_tensor(to_vocabulary(panels, index, n_genes, fill=False))
+            n_dataset_embeddings = n_dataset_embeddings or int(panels.shape[0])
+        center = {}  # (module_kwargs stays as given: it is saved with the init parameters)
+        if center_input:
+            center["input_center"] = torch.as_tensor(
+                to_vocabulary(log1p_means(manager, panels), index, n_genes, fill=0.0)
+            )
+        self.module = self._module_cls(
+            n_genes,
+            n_batch=n_batch,
+            n_dataset=n_dataset_embeddings,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_latent=n_latent,
+            n_decoder_layers=n_decoder_layers,
+            n_clusters=n_clusters,
+            latent_distribution=latent_distribution,
+            attention=attention,
+            positional_encoding=positional_encoding,
+            n_spatial_dims=max(int(n_spatial), 2),
+            norm=norm,
+            dropout=dropout,
+            gene_likelihood=gene_likelihood,
+            dataset_gene_mask=vocabulary_panels,
+            n_spatial_neighbors=n_spatial_neighbors,
+            **center,
+            **module_kwargs,
+        )
+        config = {"n_hidden": n_hidden, "n_layers": n_layers, "n_heads": n_heads, "n_latent": n_latent,
+                  "latent_distribution": latent_distribution, "attention": attention}
+        preset = next(
+            (name for name, p in PRESETS.items() if all(p.get(k) == v for k, v in config.items())),
+            "custom",
+        )
+        n_params = sum(p.numel() for p in self.module.parameters())
+        self._model_summary_string = (
+            f"CellPLM ({preset} preset): {n_layers} x {attention} layers, n_hidden={n_hidden}, "
+            f"n_heads={n_heads}, {latent_distribution} latent n_latent={n_latent}, "
+            f"positional_encoding={positional_encoding}, "
+            + (f"n_spatial_neighbors={n_spatial_neighbors}, " if n_spatial_neighbors else "")
+            + f"vocabulary={n_genes} genes, {n_params / 1e6:.2f}M parameters, "
+            f"max_cells_per_batch={self.max_cells_per_batch}."
+        )
+        logger.info(self._model_summary_string)
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ data
+    def _setup_args(self, adata_manager=None) -> dict:
+        return (adata_manager or self.adata_manager).registry["setup_args"]
+
+    def _registered_var(self, adata_manager=None) -> pd.DataFrame:
+        return registered_var(adata_manager or self.adata_manager)
+
+    def _validate_anndata(self, adata=None, copy_if_view: bool = True):
+        """As scvi-tools, but for a foundation model: any genes, any categories.
+
+        An AnnData the user set up with this class's ``setup_anndata`` keeps that setup (its own
+        layer, keys and categories); any other gets the model's setup with new batch, sample and
+        label categories added (they never block inference: the encoder does not read them).
+        Genes are aligned to the vocabulary by identifier when the data is read.
+        """
+        if adata is None or self.adata_manager is None:
+            return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+        from scvi.data._constants import _SCVI_UUID_KEY
+        from scvi.data._utils import _assign_adata_uuid, _check_if_view
+
+        cls = type(self)
+        store = cls._per_instance_manager_store.get(self.id, {})
+        manager = store.get(adata.uns.get(_SCVI_UUID_KEY))
+        if manager is not None and manager.adata is adata:
+            return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+        _check_if_view(adata, copy_if_view=copy_if_view)
+        own = cls._setup_adata_manager_store.get(adata.uns.get(_SCVI_UUID_KEY))
+        if own is not None and own.adata is adata:
+            self._register_manager_for_instance(own)
+            return adata
+        if manager is not None:  # a copy of a registered AnnData
+            _assign_adata_uuid(adata, overwrite=True)
+        try:
+            manager = self.adata_manager.transfer_fields(adata, extend_categories=True,
+                                                         **self._transfer_kwargs)
+        except (ValueError, KeyError) as err:
+            raise InputDataError(
+                f"The AnnData does not match the model's setup ({err}). Set it up for this model "
+                f"first: `{cls.__name__}.setup_anndata(adata, layer=..., batch_key=...)` with its "
+                "own layer and keys."
+            ) from err
+        self._register_manager_for_instance(manager)
+        return adata
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        lr: float = 1e-3,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        validation_size: float = 0.1,
+        max_cells_per_batch: int | None = None,
+        gradient_clip_val: float = 1.0,
+        plan_kwargs: dict | None = None,
+        seed: int = 0,
+        **trainer_kwargs,
+    ):
+        """Train on the model's AnnData: masked reconstruction for :class:`~scvi_cellplm.CellPLM`
+        (the paper's objective), the task loss for the heads.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the data (default: scvi-tools' heuristic from the number of cells).
+        lr
+            Peak AdamW learning rate.
+        accelerator, devices
+            Lightning device selection (``"gpu"`` uses CUDA when present).
+        validation_size
+            Fraction of each sample's cells held out for validation.
+        max_cells_per_batch
+            Cell budget of a training mini-batch (default: the model's).
+        gradient_clip_val
+            Gradient-norm clipping.
+        plan_kwargs
+            Passed to :class:`~scvi_cellplm.train.CellPLMTrainingPlan` (masking rates, warm-up, ...).
+            Models with frozen weights (query models, frozen heads) train without weight decay,
+            so frozen rows of a table stay exactly as they were.
+        seed
+            Seed of the train/validation split and of the sentence shuffling.
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer` (e.g. ``enable_progress_bar``).
+        """
+        if max_epochs is None:
+            max_epochs = get_max_epochs_heuristic(self.adata.n_obs)
+        splitter = self._data_splitter(max_cells_per_batch, validation_size, seed)
+        defaults = dict(self._plan_defaults)
+        if any(not p.requires_grad for p in self.module.parameters()):
+            defaults["weight_decay"] = 0.0
+        plan = self._training_plan_cls(self.module, **{"lr": lr, **defaults, **(plan_kwargs or {})})
+        trainer_kwargs.setdefault("check_val_every_n_epoch", 1 if splitter.n_val else None)
+        if splitter.n_val == 0:
+            trainer_kwargs.setdefault("limit_val_batches", 0)
+        runner = TrainRunner(
+            self,
+            training_plan=plan,
+            data_splitter=splitter,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            gradient_clip_val=gradient_clip_val,
+            **trainer_kwargs,
+        )
+        self.module.train()  # Lightning keeps modules' modes: leave eval() from earlier inference
+        try:
+            return runner()
+        except SystemExit as err:
+            # Lightning turns Ctrl+C into SystemExit after ignoring SIGINT; give the user back a
+            # usable model (weights of the last step) and a normal KeyboardInterrupt.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.module.eval()
+            self.trainer = runner.trainer
+            logger.warning("Training interrupted at step %d; the model keeps the weights of "
+                           "that step.", runner.trainer.global_step)
+            raise KeyboardInterrupt from err
+
+    def _data_splitter(self, max_cells_per_batch: int | None, validation_size: float, seed: int):
+        """The training data module (subclasses with other training data override this)."""
+        manager = self.adata_manager
+        max_cells = max_cells_per_batch or self.max_cells_per_batch
+        return SentenceDataSplitter(
+            manager,
+            self._sample_codes(manager),
+            max_cells,
+            make_windower(manager, max_cells),
+            validation_size=validation_size,
+            seed=seed,
+            gene_index=self._gene_index(manager),
+        )
+
+    # ------------------------------------------------------------------ save / load
+    @classmethod
+    def _load_kwargs(cls, metadata: dict, registry: dict) -> dict:
+        """Constructor arguments a saved model of this class needs besides its init parameters."""
+        return {}
+
+    def save(
+        self,
+        dir_path: str,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **anndata_write_kwargs,
+    ) -> None:
+        """Save the model to ``dir_path`` (atomically; loadable without executing pickled code).
+
+        Parameters
+        ----------
+        dir_path
+            Directory to write into (created).
+        prefix
+            Prefix of the file names.
+        overwrite
+            Replace an existing saved model (and AnnData).
+        save_anndata
+            Also write the AnnData (``adata.h5ad``).
+        **anndata_write_kwargs
+            Passed to :meth:`anndata.AnnData.write_h5ad`.
+        """
+        _saving.save_model(self, dir_path, prefix, overwrite, save_anndata, **anndata_write_kwargs)
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str,
+        adata: AnnData | MuData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+    ):
+        """Load a model saved by :meth:`save`, on ``adata`` (default: the saved AnnData).
+
+        ``adata`` may hold any genes (matched to the model's vocabulary by identifier) and new
+        batch, sample or label categories. Set up with this class's ``setup_anndata`` first, it
+        keeps its own setup (layer, keys); otherwise it gets the saved one. The file is read with
+        ``torch.load(weights_only=True)``; a truncated, tampered or mismatching file raises
+        :class:`~scvi_cellplm.CheckpointError`.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        adata
+            Data to attach the model to.
+        accelerator, device
+            Where to put the weights (scvi-tools' device selection).
+        prefix
+            Prefix of the file names.
+        """
+        return _saving.load_model(cls, dir_path, adata, accelerator, device, prefix)
