@@ -82,6 +82,8 @@ INDICES_KEY = DATA_KEYS.INDICES_KEY
 PERTURBATION_KEY = DATA_KEYS.PERTURBATION_KEY
 TARGET_KEY = DATA_KEYS.TARGET_KEY
 
+UNLABELED = "unlabeled"
+"""Label of cells of a query whose AnnData has no labels column."""
 OFFICIAL_SENTENCE_CELLS = 100_000
 """Sentence bound of models loaded from official checkpoints: samples up to this many cells are
 embedded as one sentence, as the official ``predict`` does; larger ones are windowed (logged)."""

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import LOW_VOCABULARY_SHARE
-from .._exceptions import GeneAlignmentError
+from .._exceptions import GeneAlignmentError, InputDataError
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +29,9 @@ _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 
 @cache
 def gene_table(species: Literal["human", "mouse"]) -> pd.DataFrame:
-    """The shipped Ensembl id ↔ symbol table of ``species`` (columns ``gene_id``, ``symbol``)."""
+    """Return the shipped Ensembl id ↔ symbol table of ``species`` (columns ``gene_id``, ``symbol``)."""
     if species not in _TABLES:
-        raise ValueError(f"`species` must be 'human' or 'mouse', got {species!r}.")
+        raise InputDataError(f"`species` must be 'human' or 'mouse', got {species!r}.")
     path = files("scvi_cellplm.io") / "data" / _TABLES[species]
     with path.open("rb") as fh:
         return pd.read_csv(fh, header=None, names=["gene_id", "symbol"], compression="gzip")
@@ -123,12 +123,13 @@ class GeneAlignment:
 def align_genes(gene_ids, vocabulary, *, species: Species = "auto") -> GeneAlignment:
     """Align ``gene_ids`` (Ensembl ids, symbols, or a mix) to ``vocabulary``.
 
-    Ids match directly (Ensembl versions ignored); anything left is treated as a symbol and mapped
-    to Ensembl with the shipped tables, choosing among ambiguous symbols the single id that is in
-    the vocabulary. Raises :class:`~scvi_cellplm.GeneAlignmentError` when nothing matches (saying
-    so plainly when the ids are not gene identifiers at all, e.g. numbers); warns, with the
-    numbers, when the input measures less than ``LOW_VOCABULARY_SHARE`` (half) of the vocabulary:
-    the model then embeds cells from a small part of the genes it knows.
+    Ids match directly (Ensembl versions ignored); anything left is translated with the shipped
+    symbol ↔ Ensembl tables, both ways: an input symbol to the single Ensembl id of it that is in
+    the vocabulary, an input Ensembl id to the vocabulary symbol that names only it. Raises
+    :class:`~scvi_cellplm.GeneAlignmentError` when nothing matches (saying so plainly when the ids
+    are not gene identifiers at all, e.g. numbers); warns, with the numbers, when the input
+    measures less than ``LOW_VOCABULARY_SHARE`` (half) of the vocabulary: the model then embeds
+    cells from a small part of the genes it knows.
     """
     gene_ids = [str(g) for g in gene_ids]
     vocab_pos: dict[str, int] = {}
@@ -137,6 +138,7 @@ def align_genes(gene_ids, vocabulary, *, species: Species = "auto") -> GeneAlign
     index = np.full(len(gene_ids), -1, dtype=np.int64)
     by_symbol = np.zeros(len(gene_ids), dtype=bool)
     symbol_tables = None
+    ensembl_of_vocabulary = None  # Ensembl id -> row, for a vocabulary of symbols
     for i, g in enumerate(gene_ids):
         pos = vocab_pos.get(strip_version(g))
         if pos is None and not is_ensembl(g):
@@ -146,6 +148,11 @@ def align_genes(gene_ids, vocabulary, *, species: Species = "auto") -> GeneAlign
                 vocab_pos[c] for t in symbol_tables for c in t.get(g.upper(), ()) if c in vocab_pos
             }
             pos = candidates.pop() if len(candidates) == 1 else None
+            by_symbol[i] = pos is not None
+        elif pos is None:  # an Ensembl id, against a vocabulary of symbols
+            if ensembl_of_vocabulary is None:
+                ensembl_of_vocabulary = _vocabulary_ensembl_ids(vocab_pos, species)
+            pos = ensembl_of_vocabulary.get(strip_version(g))
             by_symbol[i] = pos is not None
         if pos is not None:
             index[i] = pos
@@ -184,6 +191,24 @@ def align_genes(gene_ids, vocabulary, *, species: Species = "auto") -> GeneAlign
         )
     logger.info("Gene alignment: %s.", result.summary())
     return result
+
+
+def _vocabulary_ensembl_ids(vocab_pos: dict[str, int], species: Species) -> dict[str, int]:
+    """Ensembl id -> row of the vocabulary symbols it is an id of (ids claimed by two rows dropped)."""
+    tables = [_symbol_index(sp) for sp in _species_list(species)]
+    out: dict[str, int] = {}
+    claimed_twice: set[str] = set()
+    for symbol, row in vocab_pos.items():
+        if is_ensembl(symbol):
+            continue
+        for ensembl in {i for t in tables for i in t.get(symbol.upper(), ())}:
+            if ensembl in vocab_pos:
+                continue
+            if out.setdefault(ensembl, row) != row:
+                claimed_twice.add(ensembl)
+    for ensembl in claimed_twice:
+        del out[ensembl]
+    return out
 
 
 def _looks_like_gene(gene_id: str) -> bool:

@@ -146,7 +146,7 @@ class CellPLMAnnotator(LatentMixin, CellPLMBase):
         freeze_encoder: bool = False,
         n_head_hidden: int = 128,
     ) -> CellPLMAnnotator:
-        """An annotator whose backbone starts from ``model``'s weights.
+        """Build an annotator whose backbone starts from ``model``'s weights.
 
         Parameters
         ----------
@@ -219,11 +219,14 @@ class CellPLMAnnotator(LatentMixin, CellPLMBase):
         soft: bool = False,
         batch_size: int | None = None,
     ) -> np.ndarray | pd.DataFrame:
-        """Predicted labels (for ``adata.obs["cellplm_prediction"]``) or, with ``soft``, a
-        DataFrame of class probabilities (cells x training label categories).
+        """Predict labels, or with ``soft`` class probabilities.
+
+        Returns the predicted labels (for ``adata.obs["cellplm_prediction"]``) or, with ``soft``,
+        a DataFrame of class probabilities (cells x training label categories).
 
         Labels in ``adata`` are not needed; label values the model was not trained on are named
-        in a warning (predictions are always among the training categories)."""
+        in a warning (predictions are always among the training categories).
+        """
         if adata is not None:
             self._warn_unseen_labels(adata)
         module = self.module

@@ -44,7 +44,8 @@ class CellPLMBase(SentenceInferenceMixin, BaseModelClass):
 
     _module_cls = CellPLMModule
     _training_plan_cls = CellPLMTrainingPlan
-    _transfer_kwargs: dict = {}  # extra arguments of the registry transfer to new AnnData
+    # new data without a labels column still embeds (the encoder does not read labels)
+    _transfer_kwargs: dict = {"allow_missing_labels": True}
     _plan_defaults: dict = {}  # training-plan defaults of this kind of model
 
     def __init__(
@@ -224,8 +225,10 @@ class CellPLMBase(SentenceInferenceMixin, BaseModelClass):
         seed: int = 0,
         **trainer_kwargs,
     ):
-        """Train on the model's AnnData: masked reconstruction for :class:`~scvi_cellplm.CellPLM`
-        (the paper's objective), the task loss for the heads.
+        """Train on the model's AnnData.
+
+        The loss is masked reconstruction for :class:`~scvi_cellplm.CellPLM` (the paper's
+        objective), the task loss for the heads.
 
         Parameters
         ----------
@@ -284,7 +287,7 @@ class CellPLMBase(SentenceInferenceMixin, BaseModelClass):
             raise KeyboardInterrupt from err
 
     def _data_splitter(self, max_cells_per_batch: int | None, validation_size: float, seed: int):
-        """The training data module (subclasses with other training data override this)."""
+        """Return the training data module (subclasses with other training data override this)."""
         manager = self.adata_manager
         max_cells = max_cells_per_batch or self.max_cells_per_batch
         return SentenceDataSplitter(
@@ -300,7 +303,7 @@ class CellPLMBase(SentenceInferenceMixin, BaseModelClass):
     # ------------------------------------------------------------------ save / load
     @classmethod
     def _load_kwargs(cls, metadata: dict, registry: dict) -> dict:
-        """Constructor arguments a saved model of this class needs besides its init parameters."""
+        """Return the constructor arguments a saved model of this class needs besides its init parameters."""
         return {}
 
     def save(

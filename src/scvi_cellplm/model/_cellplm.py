@@ -27,7 +27,7 @@ from ..io._official import (
 )
 from ._base import CellPLMBase
 from ._embedding import LatentMixin
-from ._setup import MuDataGeneLayerField, anndata_fields, check_counts, check_obs_keys
+from ._setup import LabelsField, MuDataGeneLayerField, anndata_fields, check_counts, check_obs_keys
 from ._transfer import copy_backbone, transfer
 
 logger = logging.getLogger(__name__)
@@ -150,8 +150,9 @@ class CellPLM(LatentMixin, CellPLMBase):
                 f"`gene_id_key={gene_id_key!r}` is not a column of adata.var "
                 f"(columns: {list(adata.var.columns)})."
             )
-        check_obs_keys(adata, labels_key=labels_key)
-        labels = fields.CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key)
+        if "source_registry" not in kwargs:  # a transfer may fill a missing labels column
+            check_obs_keys(adata, labels_key=labels_key)
+        labels = LabelsField(REGISTRY_KEYS.LABELS_KEY, labels_key)
         adata_manager = AnnDataManager(
             fields=anndata_fields(adata, layer, batch_key, sample_key, labels, spatial_key, dataset_key),
             setup_method_args=setup_method_args,

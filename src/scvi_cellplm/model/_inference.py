@@ -58,7 +58,7 @@ class SentenceInferenceMixin:
         return np.asarray(manager.get_from_registry(REGISTRY_KEYS.SAMPLE_KEY)).reshape(-1)
 
     def sentences(self, adata=None, indices: Sequence[int] | None = None) -> list[np.ndarray]:
-        """The sentences (arrays of obs indices) that inference on ``adata`` uses.
+        """Return the sentences (arrays of obs indices) that inference on ``adata`` uses.
 
         Each is one sample or one contiguous window of a sample with more than
         ``max_cells_per_batch`` cells; every cell is in exactly one.
@@ -144,7 +144,7 @@ class SentenceInferenceMixin:
 
 
 def _checked_indices(indices, n_obs: int) -> np.ndarray:
-    """``indices`` as unique integer positions in ``[0, n_obs)``, or a one-line error."""
+    """Return ``indices`` as unique integer positions in ``[0, n_obs)``, or raise a one-line error."""
     idx = np.asarray(indices)
     if idx.dtype == np.bool_:
         if idx.shape != (n_obs,):

@@ -190,7 +190,7 @@ class CellPLMPerturbation(CellPLMBase):
         max_cells_per_batch: int | None = None,
         **setup_kwargs,
     ) -> CellPLMPerturbation:
-        """A perturbation model whose backbone starts from ``model``'s weights.
+        """Build a perturbation model whose backbone starts from ``model``'s weights.
 
         Parameters
         ----------
@@ -219,7 +219,7 @@ class CellPLMPerturbation(CellPLMBase):
 
     # ------------------------------------------------------------------ perturbations
     def _parse(self, perturbation: Perturbation) -> tuple[str, ...]:
-        """The genes of a perturbation (``"A+B"`` or ``["A", "B"]``); control is ``()``."""
+        """Return the genes of a perturbation (``"A+B"`` or ``["A", "B"]``); control is ``()``."""
         if isinstance(perturbation, str):
             if perturbation == self.control_category:
                 return ()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 from scvi.data import AnnDataManager, fields
 
-from .._constants import REGISTRY_KEYS
+from .._constants import REGISTRY_KEYS, UNLABELED
 from .._exceptions import InputDataError
 
 
@@ -28,6 +29,25 @@ class GeneLayerField(fields.LayerField):
 
 
 MuDataGeneLayerField = fields.MuDataWrapper(GeneLayerField)
+
+
+class LabelsField(fields.CategoricalObsField):
+    """scvi-tools' categorical labels, transferable to data without a labels column.
+
+    With ``allow_missing_labels`` (query data, inference), a missing column is filled with
+    ``UNLABELED`` (as scvi-tools' ``LabelsWithUnlabeledObsField`` fills its unlabelled category):
+    CellPLM's encoder never reads labels, so their absence must not block a new dataset.
+    """
+
+    def transfer_field(self, state_registry: dict, adata_target: AnnData,
+                       allow_missing_labels: bool = False, **kwargs) -> dict:
+        """Transfer the labels, filling a missing column when allowed."""
+        key = self._original_attr_key
+        if allow_missing_labels and key is not None and key not in adata_target.obs:
+            warnings.warn(f"Missing labels key {key!r}: filled with {UNLABELED!r}.", UserWarning,
+                          stacklevel=2)
+            adata_target.obs[key] = pd.Categorical([UNLABELED] * adata_target.n_obs)
+        return super().transfer_field(state_registry, adata_target, **kwargs)
 
 
 def anndata_fields(

@@ -22,7 +22,7 @@ _TABLES = {"batch": "n_batch_embeddings", "dataset": "n_dataset_embeddings"}
 
 
 def backbone_of(module: torch.nn.Module) -> torch.nn.Module:
-    """The :class:`~scvi_cellplm.module.CellPLMModule` of a model's module (a head's backbone)."""
+    """Return the :class:`~scvi_cellplm.module.CellPLMModule` of a model's module (a head's backbone)."""
     return getattr(module, "backbone", module)
 
 
@@ -114,7 +114,7 @@ def build_like(cls, adata, kwargs: dict, state: dict[str, torch.Tensor], **head_
 
 
 def transfer(cls, adata, source, overrides: dict | None = None, **head_kwargs):
-    """A ``cls`` model on ``adata`` whose backbone starts from ``source``'s (a trained model)."""
+    """Build a ``cls`` model on ``adata`` whose backbone starts from ``source``'s (a trained model)."""
     backbone = backbone_of(source.module)
     return build_like(cls, adata, backbone_kwargs(source, **(overrides or {})), backbone.state_dict(),
                       **head_kwargs)
