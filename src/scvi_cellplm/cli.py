@@ -123,9 +123,11 @@ def _check_input_keys(adata, path: str, layer, batch_key, sample_key, gene_id_ke
 
 
 def _model_input(adata, layer, batch_key, sample_key, gene_id_key):
-    """A lightweight AnnData for the model: the counts (not copied), the needed obs columns and
-    the gene ids as var_names. Registering it (``_scvi_*`` columns and uns keys) leaves
-    ``adata`` untouched."""
+    """Build a lightweight AnnData for the model.
+
+    It holds the counts (not copied), the needed obs columns and the gene ids as var_names.
+    Registering it (``_scvi_*`` columns and uns keys) leaves ``adata`` untouched.
+    """
     import anndata as ad
     import pandas as pd
 
@@ -288,7 +290,7 @@ def _add_common(parser: argparse.ArgumentParser, top: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``cellplm`` argument parser."""
+    """Build the ``cellplm`` argument parser."""
     parser = _Parser(prog="cellplm", description=__doc__.split("\n\n")[0])
     _add_common(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

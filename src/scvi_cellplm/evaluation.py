@@ -9,6 +9,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from ._demo import cluster_scores
+from ._exceptions import InputDataError
 
 __all__ = ["HeldOutCounts", "cluster_scores", "denoising_errors", "hold_out_counts"]
 
@@ -35,7 +36,7 @@ def hold_out_counts(
     The corrupted copy (counts in the same ``layer``) and the held-out entries.
     """
     if not 0 < fraction < 1:
-        raise ValueError(f"`fraction` must be in (0, 1), got {fraction}.")
+        raise InputDataError(f"`fraction` must be in (0, 1), got {fraction}.")
     x = sparse.csr_matrix(adata.X if layer is None else adata.layers[layer], dtype=np.float32)
     coo = x.tocoo()
     rng = np.random.default_rng(seed)

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 def registered_var(adata_manager) -> pd.DataFrame:
-    """The ``var`` of the registered counts (the RNA modality of a MuData)."""
+    """Return the ``var`` of the registered counts (the RNA modality of a MuData)."""
     adata = adata_manager.adata
     if isinstance(adata, MuData):
         mod = adata_manager.registry["setup_args"]["modalities"]["rna_layer"]

@@ -21,9 +21,12 @@ def spatial_graph(
     library_key: str | None = None,
     n_neighs: int = 6,
 ) -> sparse.csr_matrix:
-    """The spatial neighbourhood graph of ``adata``: ``obsp['spatial_connectivities']`` when
-    squidpy already built it, else a kNN graph from :func:`squidpy.gr.spatial_neighbors_knn`
-    (one graph per ``library_key`` sample), computed without modifying ``adata``."""
+    """Return the spatial neighbourhood graph of ``adata``.
+
+    That is ``obsp['spatial_connectivities']`` when squidpy already built it, else a kNN graph from
+    :func:`squidpy.gr.spatial_neighbors_knn` (one graph per ``library_key`` sample), computed
+    without modifying ``adata``.
+    """
     if COLUMNS.CONNECTIVITIES in adata.obsp:
         logger.info("Reusing adata.obsp[%r] for spatial windows.", COLUMNS.CONNECTIVITIES)
         return sparse.csr_matrix(adata.obsp[COLUMNS.CONNECTIVITIES])

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .._constants import DATA_KEYS
+from .._exceptions import InputDataError
 from ._sentences import make_sentences, pack_sentences
 
 
@@ -109,7 +110,7 @@ def sentence_dataloader(
     gene_index: np.ndarray | None = None,
     **kwargs,
 ) -> DataLoader:
-    """A :class:`~torch.utils.data.DataLoader` over whole sentences (see :class:`SentenceDataset`)."""
+    """Return a :class:`~torch.utils.data.DataLoader` over whole sentences (see :class:`SentenceDataset`)."""
     sampler = SentenceSampler(sentences, max_cells, shuffle=shuffle, seed=seed)
     dataset = SentenceDataset(adata_manager, load_sparse_tensor=load_sparse_tensor,
                               gene_index=gene_index)
@@ -130,7 +131,7 @@ def split_within_groups(
     ``(train, validation)``: sorted obs indices per group code.
     """
     if not 0.0 <= validation_size < 1.0:
-        raise ValueError(f"`validation_size` must be in [0, 1), got {validation_size}.")
+        raise InputDataError(f"`validation_size` must be in [0, 1), got {validation_size}.")
     rng = np.random.default_rng(seed)
     train, val = {}, {}
     for code in np.unique(codes[codes >= 0]):

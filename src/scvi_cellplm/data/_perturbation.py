@@ -104,8 +104,9 @@ class PerturbationPairSampler(Sampler):
 
 
 class PerturbationDataSplitter(pl.LightningDataModule):
-    """Split each perturbation's cells into training and validation targets; pair them with
-    sentences of control cells.
+    """Split each perturbation's cells into training and validation targets.
+
+    The targets are paired with sentences of control cells.
 
     Parameters
     ----------
@@ -162,9 +163,9 @@ class PerturbationDataSplitter(pl.LightningDataModule):
         return DataLoader(self.dataset, sampler=sampler, batch_size=None, num_workers=0)
 
     def train_dataloader(self) -> DataLoader:
-        """New random pairs every epoch."""
+        """Return a loader of new random pairs every epoch."""
         return self._loader(self.train_groups, fixed=False, seed=self.seed)
 
     def val_dataloader(self) -> DataLoader | list:
-        """The same pairs every epoch (``[]`` without validation cells)."""
+        """Return a loader of the same pairs every epoch (``[]`` without validation cells)."""
         return self._loader(self.val_groups, fixed=True, seed=self.seed + 1) if self.n_val else []

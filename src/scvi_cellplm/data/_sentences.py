@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .._exceptions import InputDataError
+
 logger = logging.getLogger(__name__)
 
 
@@ -23,7 +25,7 @@ def bisect_windows(features: np.ndarray, max_cells: int) -> list[np.ndarray]:
     balanced (sizes differ by at most one cell at each split).
     """
     if max_cells < 1:
-        raise ValueError(f"`max_cells` must be positive, got {max_cells}.")
+        raise InputDataError(f"`max_cells` must be positive, got {max_cells}.")
     features = np.asarray(features, dtype=np.float64)
     features = np.where(np.isfinite(features), features, np.nanmedian(features, axis=0))
     features = np.nan_to_num(features)
@@ -79,9 +81,9 @@ def make_sentences(
             sentences.append(members)
             continue
         if windower is None:
-            raise ValueError(
+            raise InputDataError(
                 f"A sample has {len(members)} cells, above max_cells_per_batch={max_cells}, "
-                "and no way to window it."
+                "and no way to window it: raise `max_cells_per_batch` or split the sample."
             )
         windows = windower(members)
         logger.info("A sample of %d cells is above the sentence budget of %d cells: embedded in %d "

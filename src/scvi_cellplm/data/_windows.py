@@ -26,7 +26,7 @@ Windower = Callable[[np.ndarray], list[np.ndarray]]
 
 
 def make_windower(adata_manager, max_cells: int) -> Windower:
-    """The windower of :func:`~.make_sentences` for the data registered in ``adata_manager``.
+    """Return the windower of :func:`~.make_sentences` for the data registered in ``adata_manager``.
 
     Samples whose cells all have finite coordinates are cut by spectral bisection of the spatial
     graph (``obsp['spatial_connectivities']`` when squidpy built it, else a kNN graph, computed
@@ -70,7 +70,7 @@ def expression_features(
     x, rows: np.ndarray, n_components: int = 10, n_fit: int | None = None,
     chunk: int | None = None,
 ) -> np.ndarray:
-    """Truncated SVD of log1p counts of the sorted ``rows`` of ``x``.
+    """Compute a truncated SVD of log1p counts of the sorted ``rows`` of ``x``.
 
     Fitted on at most ``n_fit`` rows (a seeded random subsample) and projected ``chunk`` rows at
     a time, so memory is bounded for any number of cells and for backed data; the result is the

@@ -179,7 +179,7 @@ def _key_map_for(module) -> dict[str, str]:
 
 
 def read_official_weights(path: str) -> dict[str, torch.Tensor]:
-    """The official state dict in ``path``, loaded without executing pickled code."""
+    """Read the official state dict in ``path``, loaded without executing pickled code."""
     payload = safe_torch_load(path, "official weights")
     state = payload.get("model_state_dict", payload) if isinstance(payload, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
@@ -208,7 +208,7 @@ def official_to_ours(official: dict[str, torch.Tensor], module) -> dict[str, tor
 
 
 def official_sinusoidal_table(n_hidden: int, height: int = 100, width: int = 100) -> torch.Tensor:
-    """The fixed table of the official (unused) ``Sinusoidal2dPE``, for complete exports."""
+    """Return the fixed table of the official (unused) ``Sinusoidal2dPE``, for complete exports."""
     pe = torch.zeros(n_hidden, height, width)
     half = n_hidden // 2
     div = torch.exp(torch.arange(0.0, half, 2) * -(math.log(10000.0) / half))
@@ -234,7 +234,7 @@ def ours_to_official(module) -> dict[str, torch.Tensor]:
 
 
 def model_to_config(model) -> dict:
-    """The official config describing ``model``'s network."""
+    """Return the official config describing ``model``'s network."""
     module = model.module
     params = model.init_params_["non_kwargs"]
     extra = model.init_params_["kwargs"].get("module_kwargs", {})

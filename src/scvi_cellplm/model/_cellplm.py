@@ -291,7 +291,7 @@ class CellPLM(LatentMixin, CellPLMBase):
         return pd.DataFrame(out, index=obs_names, columns=var_names[genes])
 
     def _decoder_batches(self, manager: AnnDataManager, transform_batch):
-        """Function of a mini-batch's registered batch codes giving the decoder's batch codes.
+        """Map a mini-batch's registered batch codes to the decoder's batch codes.
 
         With ``transform_batch`` (category names), one code tensor per category; else each
         cell's own batch, matched to the decoder's categories by name (one code tensor). A batch
@@ -367,7 +367,7 @@ class CellPLM(LatentMixin, CellPLMBase):
         unfrozen: bool = False,
         freeze_encoder: bool | None = None,
     ) -> CellPLM:
-        """A model for new data built on ``reference_model`` (scArches, as scvi-tools' ``ArchesMixin``).
+        """Build a model for new data on ``reference_model`` (scArches, as scvi-tools' ``ArchesMixin``).
 
         The query is set up like the reference; new batch, sample and label categories extend the
         reference's (a label column may be missing: its cells are unlabelled). Query genes are

@@ -104,7 +104,7 @@ def read_model_file(path: str) -> tuple[dict, dict]:
 
 
 def init_kwargs(metadata: dict) -> dict:
-    """The constructor keyword arguments recorded in saved metadata (``init_params_``)."""
+    """Return the constructor keyword arguments recorded in saved metadata (``init_params_``)."""
     params = _decode(metadata["init_params_"])
     kwargs = dict(params.get("non_kwargs", {}))
     for inner in params.get("kwargs", {}).values():
@@ -114,7 +114,7 @@ def init_kwargs(metadata: dict) -> dict:
 
 
 def saved_vocabulary(metadata: dict, adata_manager) -> list[str]:
-    """The gene vocabulary of a saved model (files before 0.2 did not store it)."""
+    """Return the gene vocabulary of a saved model (files before 0.2 did not store it)."""
     if isinstance(metadata.get("gene_vocabulary"), list):
         return [str(g) for g in metadata["gene_vocabulary"]]
     given = init_kwargs(metadata).get("gene_vocabulary")

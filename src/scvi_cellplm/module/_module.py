@@ -10,6 +10,7 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch.distributions import Normal
 
 from .._constants import MODULE_KEYS, REGISTRY_KEYS
+from .._exceptions import InputDataError
 from ._norm import Norm
 from .attention import AttentionKind
 from .decoder import NBDecoder
@@ -130,20 +131,20 @@ class CellPLMModule(BaseModuleClass):
     ) -> None:
         super().__init__()
         if gene_likelihood not in ("nb", "gaussian"):
-            raise ValueError(f"`gene_likelihood` must be 'nb' or 'gaussian', got {gene_likelihood!r}.")
+            raise InputDataError(f"`gene_likelihood` must be 'nb' or 'gaussian', got {gene_likelihood!r}.")
         self.gene_likelihood = gene_likelihood
         if dataset_gene_mask is not None:
             dataset_gene_mask = torch.as_tensor(dataset_gene_mask, dtype=torch.bool)
             if dataset_gene_mask.ndim != 2 or dataset_gene_mask.shape[1] != n_genes:
-                raise ValueError("`dataset_gene_mask` must be (n_dataset, n_genes).")
+                raise InputDataError("`dataset_gene_mask` must be (n_dataset, n_genes).")
         self.register_buffer("dataset_gene_mask", dataset_gene_mask)
         self.embed_shared_genes = embed_shared_genes
         if input_center is not None:
             input_center = torch.as_tensor(input_center, dtype=torch.float32)
             if input_center.shape != (n_genes,) or not torch.isfinite(input_center).all():
-                raise ValueError("`input_center` must hold one finite value per vocabulary gene.")
+                raise InputDataError("`input_center` must hold one finite value per vocabulary gene.")
             if dataset_gene_mask is not None and not embed_shared_genes:
-                raise ValueError(
+                raise InputDataError(
                     "`input_center` needs `embed_shared_genes=True` with `dataset_gene_mask` "
                     "(genes a dataset did not measure would read as below the centre)."
                 )
@@ -251,7 +252,7 @@ class CellPLMModule(BaseModuleClass):
         if coords is None and (self.pos_encoder is not None or self.neighbourhood is not None):
             what = (f"positional_encoding={self.positional_encoding!r}" if self.pos_encoder is not None
                     else "n_spatial_neighbors")
-            raise ValueError(
+            raise InputDataError(
                 f"{what} needs coordinates: register them with `setup_anndata(..., spatial_key=...)`."
             )
         if self.pos_encoder is not None:
@@ -268,8 +269,11 @@ class CellPLMModule(BaseModuleClass):
         return self.encoder(h, sentence)
 
     def _latent(self, h: torch.Tensor, sample: bool) -> dict[str, torch.Tensor]:
-        """The latent layer; without autograd in row chunks written into preallocated outputs
-        (bounded temporaries at 50k-cell sentences); scalar terms are cell-weighted means."""
+        """Apply the latent layer.
+
+        Without autograd, in row chunks written into preallocated outputs (bounded temporaries at
+        50k-cell sentences); scalar terms are cell-weighted means.
+        """
         if torch.is_grad_enabled() or h.shape[0] <= LATENT_CHUNK:
             return self.latent(h, sample=sample)
         out: dict[str, torch.Tensor] = {}

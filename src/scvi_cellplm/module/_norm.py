@@ -6,6 +6,8 @@ from typing import Literal
 
 from torch import nn
 
+from .._exceptions import InputDataError
+
 Norm = Literal["layernorm", "groupnorm"]
 N_GROUPS = 4
 """Groups of :class:`torch.nn.GroupNorm`, as in the official CellPLM checkpoints."""
@@ -17,4 +19,4 @@ def make_norm(norm: Norm, n_features: int) -> nn.Module:
         return nn.LayerNorm(n_features)
     if norm == "groupnorm":
         return nn.GroupNorm(N_GROUPS, n_features)
-    raise ValueError(f"`norm` must be 'layernorm' or 'groupnorm', got {norm!r}.")
+    raise InputDataError(f"`norm` must be 'layernorm' or 'groupnorm', got {norm!r}.")

@@ -7,6 +7,7 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
 from .._constants import DATA_KEYS, MODULE_KEYS, REGISTRY_KEYS
+from .._exceptions import InputDataError
 from ._module import CellPLMModule, dense
 
 
@@ -61,7 +62,7 @@ class CellPLMPerturbationModule(BaseModuleClass):
         if gene_index is not None:
             gene_index = torch.as_tensor(gene_index, dtype=torch.long)
             if gene_index.shape != (n_input,) or int(gene_index.max()) >= backbone.n_genes:
-                raise ValueError("`gene_index` must hold one vocabulary row (or -1) per head gene.")
+                raise InputDataError("`gene_index` must hold one vocabulary row (or -1) per head gene.")
         self.register_buffer("gene_index", gene_index)
         n_hidden = backbone.embedder.gene_table.shape[1]
         self.perturbation_table = nn.Parameter(torch.zeros(n_input, n_hidden))

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._exceptions import InputDataError
+
 AttentionKind = Literal["flowformer", "sdpa"]
 
 
@@ -19,7 +21,7 @@ class _Projections(nn.Module):
     def __init__(self, n_hidden: int, n_heads: int, dropout: float) -> None:
         super().__init__()
         if n_hidden % n_heads:
-            raise ValueError(f"`n_hidden` ({n_hidden}) must be divisible by `n_heads` ({n_heads}).")
+            raise InputDataError(f"`n_hidden` ({n_hidden}) must be divisible by `n_heads` ({n_heads}).")
         self.n_heads = n_heads
         self.q_proj = nn.Linear(n_hidden, n_hidden)
         self.k_proj = nn.Linear(n_hidden, n_hidden)
@@ -49,9 +51,11 @@ class FlowAttention(_Projections):
     eps = 1e-6
 
     def _head_sums(self, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``(b, hidden)`` per-head sums over the sentence ``sum_l t[l, h, :] * w[l, h]``;
-        ``t`` ``(b, l, hidden)``, ``w`` ``(b, l, heads)`` (a reduction, as accurate as the
-        official einsum; a matrix product over the length loses digits at 50k cells)."""
+        """Return the ``(b, hidden)`` per-head sums over the sentence ``sum_l t[l, h, :] * w[l, h]``.
+
+        ``t`` is ``(b, l, hidden)``, ``w`` ``(b, l, heads)`` (a reduction, as accurate as the
+        official einsum; a matrix product over the length loses digits at 50k cells).
+        """
         b, length, hidden = t.shape
         per_head = t.view(b, length, self.n_heads, -1) * w[..., None]
         return per_head.sum(dim=1).reshape(b, hidden)
@@ -75,8 +79,11 @@ class FlowAttention(_Projections):
         return self._dot(t, vec.to(t.dtype)).float()
 
     def _low_head_sums(self, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """:meth:`_head_sums` as one product ``w^T t`` in ``t``'s (low-precision) type (every head's
-        weights against every column; each head's own block kept), returned in float32."""
+        """Compute :meth:`_head_sums` as one product ``w^T t`` in ``t``'s (low-precision) type.
+
+        Every head's weights go against every column and each head's own block is kept; the result
+        is returned in float32.
+        """
         b, _, hidden = t.shape
         full = (w.to(t.dtype).transpose(1, 2) @ t).float()  # (b, heads, hidden)
         own = full.view(b, self.n_heads, self.n_heads, -1).diagonal(dim1=1, dim2=2)  # (b, d, heads)
@@ -86,8 +93,9 @@ class FlowAttention(_Projections):
         self, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, chunk: int | None = None,
         sums: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token ``(b, l, heads)`` competition and output scale (``sink_in * allocation``)
-        from the sigmoid queries and keys (zero at padding).
+        """Compute the per-token ``(b, l, heads)`` competition and output scale.
+
+        The scale is ``sink_in * allocation``, from the sigmoid queries and keys (zero at padding).
 
         ``chunk`` positions at a time (default: all at once). Float32, except at inference
         (``chunk`` given) on low-precision ``q``/``k`` (bf16 autocast): then the per-token dot
@@ -206,9 +214,12 @@ class FlowAttention(_Projections):
 
 
 class InferenceWorkspace:
-    """What the blocks of one inference call share: the ``q``/``k`` buffers (fresh large
-    allocations cost a page fault per 4 KiB on first touch) and, under autocast, the weights cast
-    once to the autocast type (autocast would cast them again for every chunk)."""
+    """What the blocks of one inference call share.
+
+    These are the ``q``/``k`` buffers (fresh large allocations cost a page fault per 4 KiB on first
+    touch) and, under autocast, the weights cast once to the autocast type (autocast would cast them
+    again for every chunk).
+    """
 
     def __init__(self) -> None:
         self.buffers: list[torch.Tensor] = []
@@ -217,7 +228,7 @@ class InferenceWorkspace:
         self.low: torch.dtype | None = None
 
     def dtype(self, x: torch.Tensor) -> torch.dtype:
-        """The autocast type when autocast is (or was, for this call) on, else ``x``'s type."""
+        """Return the autocast type when autocast is (or was, for this call) on, else ``x``'s type."""
         if torch.is_autocast_enabled(x.device.type):
             self.autocast, self.low = True, torch.get_autocast_dtype(x.device.type)
         return self.low if self.autocast else x.dtype
@@ -281,4 +292,4 @@ def make_attention(kind: AttentionKind, n_hidden: int, n_heads: int, dropout: fl
         return FlowAttention(n_hidden, n_heads, dropout)
     if kind == "sdpa":
         return SoftmaxAttention(n_hidden, n_heads, dropout)
-    raise ValueError(f"`attention` must be 'flowformer' or 'sdpa', got {kind!r}.")
+    raise InputDataError(f"`attention` must be 'flowformer' or 'sdpa', got {kind!r}.")

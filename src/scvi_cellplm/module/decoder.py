@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._exceptions import InputDataError
 from ._norm import Norm, make_norm
 
 
@@ -18,6 +19,7 @@ class CovariateEmbedding(nn.Module):
         self.norm = make_norm(norm, n_hidden)
 
     def forward(self, index: torch.Tensor | None) -> torch.Tensor:
+        """Embed category codes ``index``; ``None``: the sum over all categories' vectors."""
         if index is None:
             # no category given: the official convention, the sum over all categories' vectors
             return self.norm(self.act(self.embedding.weight.detach().sum(0, keepdim=True)))
@@ -25,6 +27,8 @@ class CovariateEmbedding(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """``norm(dropout(prelu(linear(x))))``, one hidden layer of :class:`NBDecoder`."""
+
     def __init__(self, n_in: int, n_out: int, dropout: float, norm: Norm) -> None:
         super().__init__()
         self.linear = nn.Linear(n_in, n_out)
@@ -33,6 +37,7 @@ class DecoderLayer(nn.Module):
         self.norm = make_norm(norm, n_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the layer to ``x`` ``(n_cells, n_in)``."""
         return self.norm(self.dropout(self.act(self.linear(x))))
 
 
@@ -77,7 +82,7 @@ class NBDecoder(nn.Module):
         super().__init__()
         self.likelihood = likelihood
         if n_layers < 2:
-            raise ValueError(f"`n_decoder_layers` must be at least 2, got {n_layers}.")
+            raise InputDataError(f"`n_decoder_layers` must be at least 2, got {n_layers}.")
         dims = [n_latent] + [n_hidden] * (n_layers - 1)
         self.layers = nn.ModuleList(
             DecoderLayer(a, b, dropout, norm) for a, b in zip(dims[:-1], dims[1:])

@@ -29,9 +29,12 @@ CHUNK_CELLS = 4096
 
 
 def csr_row_chunks(x: torch.Tensor, chunk: int) -> Iterator[tuple[int, int, slice, torch.Tensor]]:
-    """Row chunks of a CSR tensor: ``(start, stop, entries, rows)`` for rows ``start:stop``, where
-    ``entries`` slices their values/column indices and ``rows`` is each entry's row within the
-    chunk (temporaries bounded by one chunk's entries)."""
+    """Yield row chunks of a CSR tensor.
+
+    Each chunk is ``(start, stop, entries, rows)`` for rows ``start:stop``, where ``entries``
+    slices their values/column indices and ``rows`` is each entry's row within the chunk
+    (temporaries bounded by one chunk's entries).
+    """
     crow = x.crow_indices()
     for start in range(0, x.shape[0], chunk):
         stop = min(start + chunk, x.shape[0])
@@ -95,8 +98,11 @@ class GeneEmbedder(nn.Module):
     def table_for(
         self, gene_index: torch.Tensor | None, keep: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Gene vectors of the input columns; zero rows for genes outside the vocabulary and for
-        genes not in ``keep`` (a boolean per input column)."""
+        """Return the gene vectors of the input columns.
+
+        Rows are zero for genes outside the vocabulary and for genes not in ``keep`` (a boolean
+        per input column).
+        """
         table = self.gene_table if gene_index is None else self.gene_table[gene_index.clamp(min=0)]
         if gene_index is not None:
             keep = gene_index >= 0 if keep is None else keep & (gene_index >= 0)
@@ -112,8 +118,10 @@ class GeneEmbedder(nn.Module):
         keep: torch.Tensor | None = None,
         center: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Cell tokens ``(n_cells, n_hidden)`` from counts ``(n_cells, n_input)``:
-        :meth:`tokens` of :meth:`expression`."""
+        """Embed counts ``(n_cells, n_input)`` as cell tokens ``(n_cells, n_hidden)``.
+
+        This is :meth:`tokens` of :meth:`expression`.
+        """
         return self.tokens(self.expression(x, gene_index, keep, center), positional)
 
     def expression(
@@ -123,10 +131,12 @@ class GeneEmbedder(nn.Module):
         keep: torch.Tensor | None = None,
         center: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``log1p(x) @ gene table`` ``(n_cells, n_hidden)``, linear in the log expression; only
-        the input columns in ``keep`` (default: all) are read. ``center`` ``(n_input,)``: embed
-        ``log1p(x) - center`` (computed as ``log1p(x) @ table - center @ table``, so sparse input
-        stays sparse)."""
+        """Compute ``log1p(x) @ gene table`` ``(n_cells, n_hidden)``, linear in the log expression.
+
+        Only the input columns in ``keep`` (default: all) are read. ``center`` ``(n_input,)``:
+        embed ``log1p(x) - center`` (computed as ``log1p(x) @ table - center @ table``, so sparse
+        input stays sparse).
+        """
         table = self.table_for(gene_index, keep)
         # inference under low-precision autocast: the dense products in that type too (not when
         # centring, where the subtraction would expose its rounding)
@@ -141,8 +151,10 @@ class GeneEmbedder(nn.Module):
         return h
 
     def tokens(self, h: torch.Tensor, positional: torch.Tensor | None = None) -> torch.Tensor:
-        """Cell tokens from :meth:`expression` (plus the positional encoding): projection, ReLU,
-        dropout, norm. Without autograd ``h`` is overwritten."""
+        """Turn :meth:`expression` (plus the positional encoding) into cell tokens.
+
+        Projection, ReLU, dropout, norm. Without autograd ``h`` is overwritten.
+        """
         if positional is not None:
             h = h + positional
         if torch.is_grad_enabled():

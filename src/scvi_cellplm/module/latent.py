@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._exceptions import InputDataError
+
 LatentDistribution = Literal["gmvae", "vae"]
 
 
@@ -107,4 +109,4 @@ def make_latent(
         return GMVAELatent(n_hidden, n_latent, n_clusters)
     if kind == "vae":
         return VAELatent(n_hidden, n_latent)
-    raise ValueError(f"`latent_distribution` must be 'gmvae' or 'vae', got {kind!r}.")
+    raise InputDataError(f"`latent_distribution` must be 'gmvae' or 'vae', got {kind!r}.")

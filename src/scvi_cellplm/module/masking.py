@@ -60,7 +60,7 @@ def sample_kept_cells(
     drop_cell_rate: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Indices of the cells kept after dropping ``floor(drop_cell_rate * size)`` per sentence.
+    """Return the indices of the cells kept after dropping ``floor(drop_cell_rate * size)`` per sentence.
 
     Every sentence keeps at least one cell.
     """

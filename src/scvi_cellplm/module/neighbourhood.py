@@ -17,6 +17,8 @@ import math
 import torch
 from torch import nn
 
+from .._exceptions import InputDataError
+
 KNN_CHUNK = 1024
 """Query cells per chunk of the neighbour search and of the attention at inference."""
 
@@ -24,7 +26,7 @@ KNN_CHUNK = 1024
 def sentence_knn(
     coords: torch.Tensor, sentence: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` nearest other cells of each cell within its sentence.
+    """Find the ``k`` nearest other cells of each cell within its sentence.
 
     Parameters
     ----------
@@ -81,7 +83,7 @@ class NeighbourhoodAttention(nn.Module):
     def __init__(self, n_hidden: int, n_neighbors: int, n_key: int = 32) -> None:
         super().__init__()
         if n_neighbors < 1:
-            raise ValueError(f"`n_neighbors` must be positive, got {n_neighbors}.")
+            raise InputDataError(f"`n_neighbors` must be positive, got {n_neighbors}.")
         self.n_neighbors = n_neighbors
         self.norm = nn.LayerNorm(n_hidden)
         self.query = nn.Linear(n_hidden, n_key)
@@ -99,8 +101,11 @@ class NeighbourhoodAttention(nn.Module):
     def weights(
         self, h: torch.Tensor, coords: torch.Tensor, sentence: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(index, weights)``, both ``(n_cells, k + 1)``: each cell's neighbourhood (itself
-        first) and the mixing weights (rows sum to 1; 0 at padding)."""
+        """Return ``(index, weights)``, both ``(n_cells, k + 1)``.
+
+        These are each cell's neighbourhood (itself first) and the mixing weights (rows sum to 1;
+        0 at padding).
+        """
         index, valid = sentence_knn(coords, sentence, self.n_neighbors)
         own = torch.arange(h.shape[0], device=h.device).unsqueeze(1)
         index = torch.cat([own, index], dim=1)

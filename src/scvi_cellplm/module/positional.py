@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .._exceptions import InputDataError
+
 PositionalEncodingKind = Literal["sinusoidal", "learned", "none"]
 
 
@@ -56,7 +58,7 @@ class PositionalEncoding(nn.Module):
                 nn.Linear(n_dims, n_hidden), nn.GELU(), nn.Linear(n_hidden, n_hidden)
             )
         else:
-            raise ValueError(f"`kind` must be 'sinusoidal' or 'learned', got {kind!r}.")
+            raise InputDataError(f"`kind` must be 'sinusoidal' or 'learned', got {kind!r}.")
         self.missing = nn.Parameter(torch.randn(n_hidden) * 0.01)
 
     def forward(self, coords: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:

@@ -177,7 +177,7 @@ class Corpus:
         seed: int = 0,
     ) -> None:
         if max_cells < 1:
-            raise ValueError(f"`max_cells` must be positive, got {max_cells}.")
+            raise InputDataError(f"`max_cells` must be positive, got {max_cells}.")
         entries = _expand(data, modality)
         if not entries:
             raise InputDataError("The corpus is empty: pass .h5ad paths or AnnData objects.")
@@ -274,7 +274,7 @@ class Corpus:
         )
 
     def fingerprint(self) -> str:
-        """A hash of what training depends on (vocabulary, datasets, panels, sentences)."""
+        """Return a hash of what training depends on (vocabulary, datasets, panels, sentences)."""
         h = hashlib.sha256()
         h.update(json.dumps([self.vocabulary, self.dataset_names, self.batch_categories]).encode())
         for array in (self.gene_mask, self.offsets, self.sentence_dataset, self.sentence_sizes,
@@ -307,7 +307,7 @@ class Corpus:
         return int(self.sentence_dataset[i]), self.sentence_rows[lo:hi]
 
     def read(self, dataset: int, rows: np.ndarray) -> sparse.csr_matrix:
-        """Counts of ``rows`` (sorted) of ``dataset`` over the vocabulary (CSR, float32).
+        """Read the counts of ``rows`` (sorted) of ``dataset`` over the vocabulary (CSR, float32).
 
         The dataset's genes outside the vocabulary are dropped; vocabulary genes it did not
         measure are absent (zero), see :attr:`gene_mask`.
@@ -344,7 +344,7 @@ def _to_vocabulary(x: sparse.csr_matrix, column_map: np.ndarray, n_genes: int) -
 
 
 def _windows(members: np.ndarray, max_cells: int, key: tuple[int, ...]) -> list[np.ndarray]:
-    """A sample's cells as one sentence, or a seeded balanced partition into windows."""
+    """Return a sample's cells as one sentence, or a seeded balanced partition into windows."""
     if len(members) <= max_cells:
         return [np.sort(members)]
     n_windows = -(-len(members) // max_cells)
@@ -391,7 +391,7 @@ def _default_names(entries: list) -> list[str]:
 
 
 def _read_meta(entry, layer, gene_id_key, batch_key, sample_key, platform_key) -> dict:
-    """Number of cells, gene ids and the requested obs columns, without reading counts."""
+    """Read the number of cells, gene ids and the requested obs columns, without reading counts."""
     keys = {"batch": batch_key, "sample": sample_key, "platform": platform_key}
     if isinstance(entry, AnnData):
         var, obs, n_obs = entry.var, entry.obs, entry.n_obs

@@ -18,6 +18,7 @@ from scipy import sparse
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .._constants import DATA_KEYS, REGISTRY_KEYS
+from .._exceptions import CheckpointError, InputDataError
 from ..data import pack_sentences
 from ._corpus import Corpus
 
@@ -64,7 +65,7 @@ class CorpusDataset(Dataset):
 
 
 def _csr_tensor(x) -> torch.Tensor:
-    """A scipy CSR matrix as a torch sparse CSR tensor (float32)."""
+    """Convert a scipy CSR matrix to a torch sparse CSR tensor (float32)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(
@@ -110,7 +111,7 @@ class CorpusSampler(Sampler):
         rank: int = 0,
     ) -> None:
         if not 0 <= rank < num_replicas:
-            raise ValueError(f"`rank` must be in [0, {num_replicas}), got {rank}.")
+            raise InputDataError(f"`rank` must be in [0, {num_replicas}), got {rank}.")
         self.sentence_sizes = np.asarray(sentence_sizes)
         self.max_cells = int(max_cells)
         self.seed, self.shuffle = int(seed), shuffle
@@ -151,7 +152,7 @@ class CorpusSampler(Sampler):
         return out
 
     def epoch_batches(self) -> list[tuple[np.ndarray, bool]]:
-        """This rank's mini-batches of the current epoch."""
+        """Return the mini-batches of this rank in the current epoch."""
         if self._cache is None or self._cache[0] != self.epoch:
             self._cache = (self.epoch, self.global_batches()[self.rank :: self.num_replicas])
         return self._cache[1]
@@ -166,8 +167,10 @@ class CorpusSampler(Sampler):
 
 
 class CorpusDataLoader(DataLoader):
-    """A :class:`~torch.utils.data.DataLoader` over a :class:`CorpusSampler` that Lightning can
-    checkpoint: its state is the epoch and the number of mini-batches handed out in it."""
+    """A :class:`~torch.utils.data.DataLoader` over a :class:`CorpusSampler` that Lightning can checkpoint.
+
+    Its state is the epoch and the number of mini-batches handed out in it.
+    """
 
     def __init__(self, dataset: CorpusDataset, sampler: CorpusSampler, **kwargs) -> None:
         super().__init__(dataset, sampler=sampler, batch_size=None, **kwargs)
@@ -188,7 +191,10 @@ class CorpusDataLoader(DataLoader):
         """Resume in the saved epoch after the mini-batches already consumed."""
         s = self.sampler
         if state.get("seed") != s.seed:
-            raise ValueError(f"The checkpoint was trained with seed {state.get('seed')}, not {s.seed}.")
+            raise CheckpointError(
+                f"The checkpoint was trained with seed {state.get('seed')}, not {s.seed}: resume with "
+                f"`seed={state.get('seed')}`."
+            )
         consumed = int(state["consumed"])
         if state.get("num_replicas") != s.num_replicas:  # same global position, other dealing
             consumed = consumed * int(state["num_replicas"]) // s.num_replicas
@@ -199,8 +205,9 @@ class CorpusDataLoader(DataLoader):
 
 
 class CorpusDataModule(pl.LightningDataModule):
-    """Training mini-batches of a :class:`~scvi_cellplm.pretrain.Corpus` for Lightning (no
-    validation); the rank and world size come from the trainer.
+    """Training mini-batches of a :class:`~scvi_cellplm.pretrain.Corpus` for Lightning (no validation).
+
+    The rank and world size come from the trainer.
 
     Parameters
     ----------

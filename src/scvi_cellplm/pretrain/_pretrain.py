@@ -17,6 +17,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from .._constants import DATA_KEYS, REGISTRY_KEYS
+from .._exceptions import CheckpointError, InputDataError
 from .._presets import PRESETS
 from ..io._genes import Species
 from ..train import CellPLMTrainingPlan
@@ -73,8 +74,11 @@ class PretrainingPlan(CellPLMTrainingPlan):
 
     @property
     def use_sync_dist(self) -> bool:
-        """Epoch aggregates of the metrics are per rank (rank 0 logs them): no collective per
-        logged value (Lightning's integer batch-size sync fails on CPU/gloo)."""
+        """Whether to sync logged values across ranks: never.
+
+        Epoch aggregates of the metrics are per rank (rank 0 logs them): no collective per logged
+        value (Lightning's integer batch-size sync fails on CPU/gloo).
+        """
         return False
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -85,7 +89,7 @@ class PretrainingPlan(CellPLMTrainingPlan):
         """Refuse a checkpoint of another corpus."""
         saved = checkpoint.get("cellplm_corpus_fingerprint")
         if saved is not None and self.corpus_fingerprint is not None and saved != self.corpus_fingerprint:
-            raise ValueError(
+            raise CheckpointError(
                 f"The checkpoint was trained on another corpus (fingerprint {saved}, this corpus "
                 f"{self.corpus_fingerprint}): resume with the same files, keys, max_cells_per_batch "
                 "and seed."
@@ -93,7 +97,7 @@ class PretrainingPlan(CellPLMTrainingPlan):
 
 
 def vocabulary_template(corpus: Corpus) -> AnnData:
-    """A one-cell AnnData whose genes are the corpus vocabulary (what the saved model is set up on).
+    """Build a one-cell AnnData whose genes are the corpus vocabulary (what the saved model is set up on).
 
     ``uns["cellplm_pretraining"]`` describes the corpus; ``var["n_datasets_measured"]`` counts the
     datasets that measured each gene.
@@ -115,7 +119,7 @@ def vocabulary_template(corpus: Corpus) -> AnnData:
 
 def build_model(corpus: Corpus, model_kwargs: dict | None = None, preset: str = "small",
                 max_cells_per_batch: int | None = None):
-    """A :class:`~scvi_cellplm.CellPLM` over the corpus vocabulary, ready for corpus pretraining.
+    """Build a :class:`~scvi_cellplm.CellPLM` over the corpus vocabulary, ready for corpus pretraining.
 
     The model is set up on :func:`vocabulary_template`; its decoder has one batch embedding per
     corpus batch and one dataset embedding per dataset, and its module carries the corpus's
@@ -125,7 +129,7 @@ def build_model(corpus: Corpus, model_kwargs: dict | None = None, preset: str = 
     from ..model import CellPLM
 
     if preset not in PRESETS:
-        raise ValueError(f"`preset` must be one of {list(PRESETS)}, got {preset!r}.")
+        raise InputDataError(f"`preset` must be one of {list(PRESETS)}, got {preset!r}.")
     kwargs = {**PRESETS[preset], **(model_kwargs or {})}
     kwargs.setdefault("embed_shared_genes", False)
     template = vocabulary_template(corpus)
@@ -266,7 +270,7 @@ def pretrain(
     if resume_from == "last":
         resume_from = out_dir / CHECKPOINT_DIR / "last.ckpt"
     if resume_from is not None and not Path(resume_from).exists():
-        raise FileNotFoundError(f"No checkpoint at {resume_from}.")
+        raise CheckpointError(f"No checkpoint at {resume_from}: pass an existing .ckpt file, or `resume_from=None`.")
 
     trainer = pl.Trainer(
         max_steps=max_steps,
@@ -302,7 +306,7 @@ def pretrain(
 
 
 def load_pretrained(dir_path: str | os.PathLike, adata: AnnData, **kwargs):
-    """A :class:`~scvi_cellplm.CellPLM` on ``adata`` with the weights of a pretraining run.
+    """Load a :class:`~scvi_cellplm.CellPLM` on ``adata`` with the weights of a pretraining run.
 
     ``adata`` must be registered with :meth:`CellPLM.setup_anndata
     <scvi_cellplm.CellPLM.setup_anndata>` (raw counts); its genes (Ensembl ids, or symbols mapped
@@ -324,6 +328,10 @@ def load_pretrained(dir_path: str | os.PathLike, adata: AnnData, **kwargs):
     path = Path(dir_path)
     if (path / MODEL_DIR / MODEL_FILE).exists():
         path = path / MODEL_DIR
+    if not (path / MODEL_FILE).exists():
+        raise CheckpointError(
+            f"No pretrained weights in {dir_path}: pass the OUT_DIR of `pretrain` or its `{MODEL_DIR}` folder."
+        )
     state, metadata = read_model_file(str(path / MODEL_FILE))
     vocabulary = metadata.get("gene_vocabulary") or metadata["var_names"]
     init = {**init_kwargs(metadata), **table_sizes(state), "gene_vocabulary": vocabulary, **kwargs}
@@ -357,5 +365,5 @@ def _loggers(out_dir: Path, kind: str):
     if kind in ("tensorboard", "both"):
         loggers.append(TensorBoardLogger(out_dir, name="logs"))
     if not loggers:
-        raise ValueError(f"`logger_kind` must be 'csv', 'tensorboard', 'both' or 'none', got {kind!r}.")
+        raise InputDataError(f"`logger_kind` must be 'csv', 'tensorboard', 'both' or 'none', got {kind!r}.")
     return loggers

@@ -1,5 +1,7 @@
-"""Spatial gene imputation with an scRNA-seq reference, through one joint CellPLM (a workflow
-above the model: it builds, trains and queries one)."""
+"""Spatial gene imputation with an scRNA-seq reference, through one joint CellPLM.
+
+A workflow above the model: it builds, trains and queries one.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from .._constants import COLUMNS
+from .._exceptions import GeneAlignmentError, InputDataError
 from ..model import CellPLM
 
 logger = logging.getLogger(__name__)
@@ -52,7 +55,7 @@ def joint_anndata(
     if rescale is False:
         rescale = "none"
     if rescale not in ("none", "percentile", "quantile"):
-        raise ValueError(f"`rescale` must be 'none', 'percentile' or 'quantile', got {rescale!r}.")
+        raise InputDataError(f"`rescale` must be 'none', 'percentile' or 'quantile', got {rescale!r}.")
 
     def _values(adata) -> sparse.csr_matrix:
         x = sparse.csr_matrix(adata.X if layer is None else adata.layers[layer], dtype=np.float32)
@@ -174,7 +177,10 @@ def impute_genes(
         genes = [g for g in reference.var_names if g not in set(spatial.var_names)]
     missing = [g for g in genes if g not in set(reference.var_names) | set(spatial.var_names)]
     if missing:
-        raise ValueError(f"Genes in neither dataset: {missing[:5]}.")
+        raise GeneAlignmentError(
+            f"Genes in neither dataset: {missing[:5]}; pass `genes=` measured by the reference or the "
+            "spatial data."
+        )
     joint = joint_anndata(spatial, reference, layer=layer, spatial_key=spatial_key,
                           sample_key=sample_key, reference_sample_key=reference_sample_key,
                           rescale="quantile" if gene_likelihood == "gaussian" else "none")

@@ -9,6 +9,7 @@ import torch
 from scvi.train import TrainingPlan
 
 from .._constants import DATA_KEYS, REGISTRY_KEYS
+from .._exceptions import InputDataError
 from ..module import dense
 from ..module.masking import sample_input_mask, sample_kept_cells
 
@@ -76,11 +77,11 @@ class CellPLMTrainingPlan(TrainingPlan):
         )
         for name, rate in (("mask_cell_rate", mask_cell_rate), ("mask_gene_rate", mask_gene_rate)):
             if not 0.0 <= rate < 1.0:
-                raise ValueError(f"`{name}` must be in [0, 1), got {rate}.")
+                raise InputDataError(f"`{name}` must be in [0, 1), got {rate}.")
         if not 0.0 <= drop_position_rate <= 1.0:
-            raise ValueError(f"`drop_position_rate` must be in [0, 1], got {drop_position_rate}.")
+            raise InputDataError(f"`drop_position_rate` must be in [0, 1], got {drop_position_rate}.")
         if not 0.0 <= drop_cell_rate < 1.0:
-            raise ValueError(f"`drop_cell_rate` must be in [0, 1), got {drop_cell_rate}.")
+            raise InputDataError(f"`drop_cell_rate` must be in [0, 1), got {drop_cell_rate}.")
         self.n_steps_lr_warmup = n_steps_lr_warmup
         self.lr_min_ratio = lr_min_ratio
         self.mask_cell_rate = mask_cell_rate
@@ -147,7 +148,7 @@ class CellPLMTrainingPlan(TrainingPlan):
         return self._step(batch, "train")
 
     def validation_step(self, batch, batch_idx):
-        """Same masking as training, no cell dropout."""
+        """Compute the validation loss: same masking as training, no cell dropout."""
         self._step(batch, "validation")
 
     # ------------------------------------------------------------ optimiser
