@@ -82,6 +82,10 @@ INDICES_KEY = DATA_KEYS.INDICES_KEY
 PERTURBATION_KEY = DATA_KEYS.PERTURBATION_KEY
 TARGET_KEY = DATA_KEYS.TARGET_KEY
 
+MODEL_FILE = "model.pt"
+"""File of a saved model (state dict + JSON metadata) in the folder :meth:`CellPLM.save` writes."""
+ADATA_FILE = "adata.h5ad"
+"""File of the AnnData saved next to a model with ``save_anndata=True``."""
 UNLABELED = "unlabeled"
 """Label of cells of a query whose AnnData has no labels column."""
 OFFICIAL_SENTENCE_CELLS = 100_000

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .evaluation import cluster_scores
+
 logger = logging.getLogger(__name__)
 
 
@@ -21,23 +23,6 @@ class DemoResult:
     seconds: float
     h5ad: Path
     figure: Path
-
-
-def cluster_scores(adata, use_rep: str, labels_key: str, resolution: float = 1.0, seed: int = 0):
-    """Leiden clusters on a kNN graph of ``use_rep`` at a fixed resolution; ARI and NMI vs labels.
-
-    One resolution for every method (no sweep picking the best score).
-    """
-    import scanpy as sc
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
-    key, graph = f"leiden_{use_rep}", f"neighbors_{use_rep}"
-    sc.pp.neighbors(adata, use_rep=use_rep, key_added=graph, random_state=seed)
-    sc.tl.leiden(adata, resolution=resolution, neighbors_key=graph, key_added=key,
-                 random_state=seed, flavor="igraph", n_iterations=2, directed=False)
-    labels = adata.obs[labels_key].to_numpy()
-    clusters = adata.obs[key].to_numpy()
-    return adjusted_rand_score(labels, clusters), normalized_mutual_info_score(labels, clusters), key
 
 
 def run_demo(

@@ -8,7 +8,6 @@ import numpy as np
 from anndata import AnnData
 from scipy import sparse
 
-from ._demo import cluster_scores
 from ._exceptions import InputDataError
 
 __all__ = ["HeldOutCounts", "cluster_scores", "denoising_errors", "hold_out_counts"]
@@ -59,3 +58,20 @@ def denoising_errors(prediction: np.ndarray, held_out: HeldOutCounts) -> dict[st
     pred = np.asarray(prediction)[held_out.rows, held_out.cols]
     diff = np.log1p(np.clip(pred, 0, None)) - np.log1p(held_out.values)
     return {"rmse": float(np.sqrt(np.mean(diff**2))), "mae": float(np.mean(np.abs(diff)))}
+
+
+def cluster_scores(adata, use_rep: str, labels_key: str, resolution: float = 1.0, seed: int = 0):
+    """Leiden clusters on a kNN graph of ``use_rep`` at a fixed resolution; ARI and NMI vs labels.
+
+    One resolution for every method (no sweep picking the best score).
+    """
+    import scanpy as sc
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    key, graph = f"leiden_{use_rep}", f"neighbors_{use_rep}"
+    sc.pp.neighbors(adata, use_rep=use_rep, key_added=graph, random_state=seed)
+    sc.tl.leiden(adata, resolution=resolution, neighbors_key=graph, key_added=key,
+                 random_state=seed, flavor="igraph", n_iterations=2, directed=False)
+    labels = adata.obs[labels_key].to_numpy()
+    clusters = adata.obs[key].to_numpy()
+    return adjusted_rand_score(labels, clusters), normalized_mutual_info_score(labels, clusters), key

@@ -339,6 +339,7 @@ class CellPLMBase(SentenceInferenceMixin, BaseModelClass):
         accelerator: str = "auto",
         device: int | str = "auto",
         prefix: str | None = None,
+        **overrides,
     ):
         """Load a model saved by :meth:`save`, on ``adata`` (default: the saved AnnData).
 
@@ -358,5 +359,8 @@ class CellPLMBase(SentenceInferenceMixin, BaseModelClass):
             Where to put the weights (scvi-tools' device selection).
         prefix
             Prefix of the file names.
+        **overrides
+            Replace saved constructor arguments that do not change the weights' shapes, e.g.
+            ``max_cells_per_batch``.
         """
-        return _saving.load_model(cls, dir_path, adata, accelerator, device, prefix)
+        return _saving.load_model(cls, dir_path, adata, accelerator, device, prefix, overrides)

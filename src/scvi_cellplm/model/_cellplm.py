@@ -3,37 +3,26 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Literal
 
-import numpy as np
-import pandas as pd
 import torch
 from anndata import AnnData
 from mudata import MuData
 from scvi.data import AnnDataManager, fields
 from scvi.utils import setup_anndata_dsp
 
-from .._constants import MODULE_KEYS, REGISTRY_KEYS, SLOTS
+from .._constants import REGISTRY_KEYS
 from .._exceptions import InputDataError
-from ..io._official import (
-    CONFIG_SUFFIX,
-    WEIGHTS_SUFFIX,
-    config_to_kwargs,
-    official_to_ours,
-    read_official_config,
-    read_official_weights,
-    to_official,
-)
 from ._base import CellPLMBase
 from ._embedding import LatentMixin
+from ._expression import ExpressionMixin
+from ._official import OfficialCheckpointMixin
 from ._setup import LabelsField, MuDataGeneLayerField, anndata_fields, check_counts, check_obs_keys
-from ._transfer import copy_backbone, transfer
+from ._transfer import transfer
 
 logger = logging.getLogger(__name__)
 
 
-class CellPLM(LatentMixin, CellPLMBase):
+class CellPLM(LatentMixin, ExpressionMixin, OfficialCheckpointMixin, CellPLMBase):
     """CellPLM: a single-cell foundation model whose tokens are cells :cite:p:`Wen2024`.
 
     Each cell's counts are embedded through a learned gene table, cells of one *sentence* (a
@@ -210,151 +199,6 @@ class CellPLM(LatentMixin, CellPLMBase):
         adata_manager.register_fields(mdata, **kwargs)
         cls.register_manager(adata_manager)
 
-    @torch.inference_mode()
-    def get_normalized_expression(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        transform_batch: Sequence[int | str] | None = None,
-        gene_list: Sequence[str] | None = None,
-        library_size: float | Literal["latent"] = 1,
-        batch_size: int | None = None,
-        return_numpy: bool = False,
-        transform_dataset: str | None = None,
-    ) -> np.ndarray | pd.DataFrame:
-        """Denoised expression: the decoder's normalised means, scaled to ``library_size``.
-
-        Parameters
-        ----------
-        adata, indices, batch_size
-            As in :meth:`get_latent_representation`.
-        transform_batch
-            Batch categories to decode every cell as (averaged); default: each cell's own batch.
-        gene_list
-            Genes to return (default: all registered genes).
-        library_size
-            Total counts each cell is scaled to, or ``"latent"`` for its observed library (over the
-            genes its dataset measured). Ignored for ``gene_likelihood="gaussian"``, whose
-            predictions are on the scale of the data.
-        return_numpy
-            Return an array instead of a DataFrame (obs names × gene names).
-        transform_dataset
-            Decode every cell as if measured by this dataset (category of ``dataset_key``), e.g.
-            the reference when imputing genes a spatial panel lacks.
-
-        Returns
-        -------
-        Values for ``adata.layers["cellplm_denoised"]``.
-        """
-        adata = self._validate_anndata(adata)
-        manager = self.get_anndata_manager(adata, required=True)
-        var_names = self._registered_var(manager).index
-        genes = np.arange(len(var_names))
-        if gene_list is not None:
-            missing = [g for g in gene_list if g not in var_names]
-            if missing:
-                raise InputDataError(f"`gene_list` has genes not in the AnnData: {missing[:5]}.")
-            genes = var_names.get_indexer(gene_list)
-        decode_batches = self._decoder_batches(manager, transform_batch)
-        dataset_code = None
-        if transform_dataset is not None:
-            mapping = list(manager.get_state_registry(REGISTRY_KEYS.DATASET_KEY).categorical_mapping)
-            if transform_dataset not in mapping:
-                raise InputDataError(f"`transform_dataset` must be one of {mapping}, got {transform_dataset!r}.")
-            dataset_code = mapping.index(transform_dataset)
-        module = self.module
-        keep = torch.as_tensor(genes)
-
-        def compute(tensors: dict) -> torch.Tensor:
-            inputs = module._get_inference_input(tensors)
-            res = module.inference(**inputs)
-            gen_inputs = module._get_generative_input(tensors, res)
-            dataset = gen_inputs[MODULE_KEYS.DATASET_INDEX_KEY]
-            gen_inputs["decode_dataset_index"] = (
-                None if dataset_code is None else torch.full_like(dataset, dataset_code))
-            acc = 0.0
-            for codes in decode_batches(tensors[REGISTRY_KEYS.BATCH_KEY]):
-                gen_inputs[MODULE_KEYS.BATCH_INDEX_KEY] = codes
-                gen = module.generative(**gen_inputs)
-                if module.gene_likelihood == "gaussian":
-                    acc = acc + gen[MODULE_KEYS.PX_SCALE_KEY]  # predictions on the data's scale
-                elif library_size == "latent":
-                    acc = acc + gen[MODULE_KEYS.PX_RATE_KEY]
-                else:
-                    acc = acc + gen[MODULE_KEYS.PX_SCALE_KEY] * library_size
-            return (acc / len(decode_batches))[:, keep]
-
-        out = self._collect(compute, adata, indices, batch_size, n_cols=len(genes))
-        if return_numpy:
-            return out
-        obs_names = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
-        return pd.DataFrame(out, index=obs_names, columns=var_names[genes])
-
-    def _decoder_batches(self, manager: AnnDataManager, transform_batch):
-        """Map a mini-batch's registered batch codes to the decoder's batch codes.
-
-        With ``transform_batch`` (category names), one code tensor per category; else each
-        cell's own batch, matched to the decoder's categories by name (one code tensor). A batch
-        the decoder was not trained on asks for ``transform_batch``. Models without a batch input
-        to the decoder get ``[None]``.
-        """
-        known = self.decoder_batch_categories_
-        if not self.batch_in_decoder:
-            if transform_batch is not None:
-                raise InputDataError("This model's decoder reads no batch: drop `transform_batch`.")
-            return _Decode([None])
-        if transform_batch is not None:
-            wanted = [str(b) for b in np.atleast_1d(transform_batch)]
-            unknown = [b for b in wanted if b not in known]
-            if unknown:
-                raise InputDataError(f"`transform_batch` names batches the model was not trained on: "
-                                     f"{unknown[:5]}; known: {known[:10]}.")
-            return _Decode([known.index(b) for b in wanted], constant=True)
-        mapping = manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
-        lookup = torch.as_tensor([known.index(str(c)) if str(c) in known else -1 for c in mapping])
-        if bool((lookup < 0).any()):
-            new = [str(c) for c, code in zip(mapping, lookup.tolist()) if code < 0]
-            return _Decode(lookup, unknown=new, known=known)
-        return _Decode(lookup)
-
-    def impute(
-        self,
-        adata: AnnData | None = None,
-        genes: Sequence[str] | None = None,
-        indices: Sequence[int] | None = None,
-        transform_dataset: str | None = None,
-    ) -> pd.DataFrame:
-        """Predicted expression of ``genes`` for every cell, on the scale of its own data.
-
-        For a model set up with ``dataset_key`` on a spatial panel joined with a reference,
-        this predicts the genes the panel did not measure (counts at the cell's observed library
-        for NB; values on the data's scale for the Gaussian likelihood).
-
-        ``transform_dataset`` decodes as that dataset (default: each cell's own).
-
-        Returns
-        -------
-        DataFrame (cells x genes), e.g. for ``sp_adata.obsm["cellplm_imputed"]``.
-        """
-        return self.get_normalized_expression(adata, indices=indices, gene_list=genes,
-                                              library_size="latent",
-                                              transform_dataset=transform_dataset)
-
-    def denoise(
-        self,
-        adata: AnnData | None = None,
-        key_added: str = SLOTS.DENOISED,
-        library_size: float | Literal["latent"] = "latent",
-    ) -> None:
-        """Write denoised expression to ``adata.layers[key_added]`` (default ``"cellplm_denoised"``).
-
-        By default each cell keeps its observed library size, so the layer is on the count scale.
-        """
-        adata = self._validate_anndata(adata)
-        adata.layers[key_added] = self.get_normalized_expression(
-            adata, library_size=library_size, return_numpy=True
-        )
-
     # ------------------------------------------------------------------ query mapping
     @classmethod
     def load_query_data(
@@ -415,89 +259,9 @@ class CellPLM(LatentMixin, CellPLMBase):
         logger.info("Query model: %d batches, %d of them new.", n_new, max(n_new - n_old, 0))
         return model
 
-    # ------------------------------------------------------------------ official checkpoints
-    @classmethod
-    def from_official(cls, prefix: str, adata: AnnData, **kwargs) -> CellPLM:
-        """Load an official CellPLM checkpoint pair ``PREFIX.config.json`` + ``PREFIX.best.ckpt``.
-
-        The official configuration is translated into keyword arguments of this class, and every
-        official weight is mapped, with its shape checked, onto the new model. Weights are read with
-        ``torch.load(weights_only=True)``. Embeddings equal the official package's to 1e-5.
-
-        Parameters
-        ----------
-        prefix
-            Path prefix of the pair, e.g. ``"ckpt/20231027_85M"``.
-        adata
-            AnnData registered with :meth:`setup_anndata` (raw counts). Its genes (Ensembl ids, or
-            symbols mapped offline) are aligned to the checkpoint's gene vocabulary.
-        **kwargs
-            Replace translated keyword arguments, e.g. ``positional_encoding="sinusoidal"`` (a
-            new, untrained encoding to fine-tune) or ``max_cells_per_batch``. By default a sample
-            of up to ``OFFICIAL_SENTENCE_CELLS`` (100,000) cells is one sentence, as in the
-            official ``predict``; larger samples are windowed (logged).
-
-        Returns
-        -------
-        The loaded model, marked as trained.
-
-        Raises
-        ------
-        ~scvi_cellplm.CheckpointError
-            Missing, unreadable, unsafe or mismatching files, or an unsupported configuration.
-        """
-        config = read_official_config(prefix + CONFIG_SUFFIX)
-        kwargs = {**config_to_kwargs(config), **kwargs}
-        state = read_official_weights(prefix + WEIGHTS_SUFFIX)
-        model = cls(adata, **kwargs)
-        copy_backbone(official_to_ours(state, model.module), model.module,
-                      allow_missing=("pos_encoder.", "neighbourhood."))  # new, untrained parts
-        model.module.eval()
-        model.is_trained_ = True
-        model.official_config = {k: v for k, v in config.items() if k != "gene_list"}
-        logger.info("Loaded official checkpoint %s (%s).", prefix, config.get("name", "unnamed"))
-        return model
-
-    def to_official(self, prefix: str) -> None:
-        """Write this model as an official checkpoint pair ``PREFIX.config.json`` + ``PREFIX.best.ckpt``.
-
-        The official package loads the pair and computes the same embeddings. Only models with
-        ``attention="flowformer"`` and ``positional_encoding="none"`` can be written (the official
-        format has no other choice); others raise :class:`~scvi_cellplm.CheckpointError`.
-
-        Parameters
-        ----------
-        prefix
-            Path prefix of the two files (missing folders are created).
-        """
-        to_official(self, prefix)
-
 
 def _device(accelerator: str, device: int | str):
     from scvi.model._utils import parse_device_args
 
     return parse_device_args(accelerator=accelerator, devices=device, return_device="torch",
                              validate_single_device=True)[2]
-
-
-class _Decode:
-    """The decoder batch codes of a mini-batch (see ``CellPLM._decoder_batches``)."""
-
-    def __init__(self, codes, constant: bool = False, unknown=(), known=()) -> None:
-        self.codes, self.constant, self.unknown, self.known = codes, constant, list(unknown), list(known)
-
-    def __len__(self) -> int:
-        return len(self.codes) if self.constant or isinstance(self.codes, list) else 1
-
-    def __call__(self, batch: torch.Tensor) -> list:
-        if isinstance(self.codes, list) and not self.constant:  # [None]: no batch input
-            return self.codes
-        if self.constant:
-            return [torch.full_like(batch.view(-1, 1), code) for code in self.codes]
-        codes = self.codes.to(batch.device)[batch.view(-1).long()].view(-1, 1)
-        if bool((codes < 0).any()):
-            raise InputDataError(
-                f"Some cells belong to batches the model was not trained on ({self.unknown[:5]}); "
-                f"decode them as known batches with `transform_batch=[...]` (e.g. {self.known[:3]})."
-            )
-        return [codes]

@@ -10,11 +10,10 @@ import numpy as np
 import torch
 from anndata import read_h5ad
 
+from .._constants import ADATA_FILE, MODEL_FILE
 from .._exceptions import CellPLMError, CheckpointError, InputDataError
 from ..io._safe_load import safe_torch_load
 
-MODEL_FILE = "model.pt"
-ADATA_FILE = "adata.h5ad"
 FORMAT = "scvi-cellplm/1"
 
 
@@ -157,7 +156,7 @@ def _attach(cls, adata, registry: dict):
     return cls._get_most_recent_anndata_manager(adata, required=True)
 
 
-def load_model(cls, dir_path, adata, accelerator, device, prefix):
+def load_model(cls, dir_path, adata, accelerator, device, prefix, overrides: dict | None = None):
     """Rebuild a saved model of class ``cls`` on ``adata`` (see ``CellPLMBase.load``)."""
     from scvi.model._utils import parse_device_args
 
@@ -178,6 +177,7 @@ def load_model(cls, dir_path, adata, accelerator, device, prefix):
     kwargs["gene_vocabulary"] = saved_vocabulary(metadata, manager)
     kwargs.update(table_sizes(state, "backbone." if any(k.startswith("backbone.") for k in state) else ""))
     kwargs.update(cls._load_kwargs(metadata, registry))
+    kwargs.update(overrides or {})
     try:
         model = cls(adata, **kwargs)
     except TypeError as err:

@@ -16,7 +16,7 @@ import torch
 from anndata import AnnData
 from scipy import sparse
 
-from .._constants import DATA_KEYS, REGISTRY_KEYS
+from .._constants import DATA_KEYS, MODEL_FILE, REGISTRY_KEYS
 from .._exceptions import CheckpointError, InputDataError
 from .._presets import PRESETS
 from ..io._genes import Species
@@ -322,8 +322,6 @@ def load_pretrained(dir_path: str | os.PathLike, adata: AnnData, **kwargs):
         Replace keyword arguments of the pretrained model (e.g. ``max_cells_per_batch``).
     """
     from ..model import CellPLM
-    from ..model._saving import MODEL_FILE, init_kwargs, read_model_file
-    from ..model._transfer import build_like, table_sizes
 
     path = Path(dir_path)
     if (path / MODEL_DIR / MODEL_FILE).exists():
@@ -332,11 +330,7 @@ def load_pretrained(dir_path: str | os.PathLike, adata: AnnData, **kwargs):
         raise CheckpointError(
             f"No pretrained weights in {dir_path}: pass the OUT_DIR of `pretrain` or its `{MODEL_DIR}` folder."
         )
-    state, metadata = read_model_file(str(path / MODEL_FILE))
-    vocabulary = metadata.get("gene_vocabulary") or metadata["var_names"]
-    init = {**init_kwargs(metadata), **table_sizes(state), "gene_vocabulary": vocabulary, **kwargs}
-    model = build_like(CellPLM, adata, init, state)
-    model.module.eval()
+    model = CellPLM.load(str(path), adata, **kwargs)
     model.is_trained_ = True
     return model
 
