@@ -183,3 +183,27 @@ def test_official_defaults_to_no_positional_encoding(tmp_path, vocabulary, ensem
     prefix = save_official(build_official(config), config, tmp_path, "pe")
     model, _ = _ours(prefix, ensembl_pancreas)
     assert model.module.pos_encoder is None
+
+
+def test_a_sample_above_4000_cells_is_one_sentence_by_default_as_in_official(tmp_path, vocabulary, pancreas):
+    """``from_official`` with no options reproduces the official ``predict`` on a single sample of
+    4,079 cells (two pancreas files as one sample): one sentence, not windows."""
+    import anndata as ad
+    from scipy import sparse
+
+    donors = ad.read_h5ad(shared_file("baron_human_pancreas_4donors.h5ad"))
+    keep = pancreas.var["gene_ids"].isin(vocabulary).to_numpy() & pancreas.var_names.isin(donors.var_names)
+    genes = pancreas.var_names[keep]
+    x = sparse.vstack([pancreas[:, genes].layers["counts"], donors[:, genes].X], format="csr")
+    big = ad.AnnData(x.astype(np.float32))
+    big.obs_names = [f"c{i}" for i in range(big.n_obs)]
+    big.var_names = pancreas.var.loc[genes, "gene_ids"].astype(str).to_numpy()
+    big.obs["batch"] = "one_sample"
+    assert big.n_obs > 4000
+    config = small_config(vocabulary)
+    prefix = save_official(build_official(config), config, tmp_path, "big")
+    reference = official_embedding(str(tmp_path), "big", big.copy())
+    CellPLM.setup_anndata(big, batch_key="batch")
+    model = CellPLM.from_official(prefix, big)
+    assert len(model.sentences()) == 1
+    assert np.abs(model.get_latent_representation() - reference).max() <= TOL
