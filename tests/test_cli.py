@@ -244,6 +244,18 @@ def test_embed_reproduces_the_models_own_embedding(tmp_path, trained_small, smal
                                atol=1e-5)
 
 
+def test_embed_uses_the_models_batch_key_when_the_file_has_it(tmp_path, trained_small, small_pancreas):
+    """Without --batch-key, a file with the model's batch column is read sample by sample, as the
+    model reads its own data; only the layer has to be named."""
+    trained_small.save(tmp_path / "model")
+    small_pancreas.write_h5ad(tmp_path / "in.h5ad")
+    assert main(["embed", str(tmp_path / "in.h5ad"), "--model", str(tmp_path / "model"),
+                 "--out", str(tmp_path / "out.h5ad"), "--layer", "counts"]) == 0
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    np.testing.assert_allclose(out.obsm["X_cellplm"], trained_small.get_latent_representation(),
+                               atol=1e-5)
+
+
 def test_demo_writes_h5ad_with_embedding_and_umap_png(tmp_path):
     assert main(["demo", "--out", str(tmp_path), "--max-epochs", "2", "--no-progress"]) == 0
     adata = ad.read_h5ad(tmp_path / "pancreas_cellplm.h5ad")

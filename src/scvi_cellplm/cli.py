@@ -178,9 +178,17 @@ def _embed(args: argparse.Namespace) -> int:
         adata = ad.read_h5ad(args.input)
     except OSError as err:
         raise UsageError(f"cannot read {args.input} as .h5ad: {err}") from err
-    _check_input_keys(adata, args.input, args.layer, args.batch_key, args.sample_key, args.gene_id_key)
-    work = _model_input(adata, args.layer, args.batch_key, args.sample_key, args.gene_id_key)
-    CellPLM.setup_anndata(work, batch_key=args.batch_key, sample_key=args.sample_key)
+    batch_key, sample_key = args.batch_key, args.sample_key
+    if batch_key is None and sample_key is None:  # the model's own keys, where the file has them
+        saved = CellPLM.load_registry(args.model)["setup_args"]
+        batch_key, sample_key = (saved.get(k) if saved.get(k) in adata.obs else None
+                                 for k in ("batch_key", "sample_key"))
+        if batch_key or sample_key:
+            logging.getLogger(__name__).info(
+                "Using the model's batch_key=%r, sample_key=%r (found in the file).", batch_key, sample_key)
+    _check_input_keys(adata, args.input, args.layer, batch_key, sample_key, args.gene_id_key)
+    work = _model_input(adata, args.layer, batch_key, sample_key, args.gene_id_key)
+    CellPLM.setup_anndata(work, batch_key=batch_key, sample_key=sample_key)
     model = CellPLM.load(args.model, adata=work)
     embedding = model.get_latent_representation(work, precision=args.precision)
     del work, model
@@ -314,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--model", required=True, help="folder written by CellPLM.save")
     embed.add_argument("--out", required=True, help="output .h5ad (written atomically)")
     embed.add_argument("--layer", help="layer with raw counts (default: .X)")
-    embed.add_argument("--batch-key", help="obs column of batches (default: all cells one batch)")
+    embed.add_argument("--batch-key", help="obs column of batches (default: the model's batch key "
+                       "when the file has that column, else all cells one batch)")
     embed.add_argument("--sample-key",
                        help="obs column of samples; the cells of a sample attend to each other "
                        "(default: the batch key, else all cells one sample)")

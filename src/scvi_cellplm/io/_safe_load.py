@@ -11,7 +11,7 @@ import torch
 from .._exceptions import CheckpointError
 
 
-def safe_torch_load(path: str, what: str = "checkpoint"):
+def safe_torch_load(path: str, what: str = "checkpoint", mmap: bool = False):
     """``torch.load(path, weights_only=True)`` on the CPU, with errors that say what went wrong.
 
     Raises :class:`~scvi_cellplm.CheckpointError` when the file is missing, truncated or
@@ -21,7 +21,7 @@ def safe_torch_load(path: str, what: str = "checkpoint"):
     if not os.path.exists(path):
         raise CheckpointError(f"No {what} at {path}.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"Refusing to load {path}: it holds pickled Python objects other than tensors "

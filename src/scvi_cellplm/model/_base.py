@@ -301,6 +301,24 @@ class CellPLMBase(SentenceInferenceMixin, BaseModelClass):
         )
 
     # ------------------------------------------------------------------ save / load
+    @staticmethod
+    def load_registry(dir_path: str, prefix: str | None = None) -> dict:
+        """Return the registry (setup arguments, categories) saved with a model, without its weights.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        prefix
+            Prefix of the file names.
+        """
+        import os
+
+        from .._constants import MODEL_FILE
+
+        path = os.path.join(dir_path, f"{prefix or ''}{MODEL_FILE}")
+        return _saving._decode(_saving.read_model_file(path, mmap=True)[1]["registry_"])
+
     @classmethod
     def _load_kwargs(cls, metadata: dict, registry: dict) -> dict:
         """Return the constructor arguments a saved model of this class needs besides its init parameters."""

@@ -84,9 +84,12 @@ def save_model(model, dir_path: str, prefix, overwrite: bool, save_anndata: bool
     _atomic_torch_save(payload, path)
 
 
-def read_model_file(path: str) -> tuple[dict, dict]:
-    """State dict and metadata of a saved model, refusing anything but tensors and plain data."""
-    payload = safe_torch_load(path, "saved CellPLM model")
+def read_model_file(path: str, mmap: bool = False) -> tuple[dict, dict]:
+    """Read the state dict and metadata of a saved model (tensors and plain data only).
+
+    With ``mmap`` the tensors are mapped, not read: reading only the metadata is cheap.
+    """
+    payload = safe_torch_load(path, "saved CellPLM model", mmap=mmap)
     if not isinstance(payload, dict) or "model_state_dict" not in payload or "metadata" not in payload:
         raise CheckpointError(f"{path} is not a scvi-cellplm model file.")
     try:
