@@ -63,6 +63,13 @@ class _CELLPLM_DATA_KEYS(NamedTuple):
     PADDING_KEY: str = "_padding"  # corpus pretraining: a repeated batch that equalises DDP ranks
 
 
+class _CELLPLM_COVARIATES(NamedTuple):
+    """Covariates the decoder embeds (names of its tables, part of the weights' keys)."""
+
+    BATCH: str = "batch"
+    DATASET: str = "dataset"
+
+
 class _CELLPLM_COLUMNS(NamedTuple):
     """Names this package writes into AnnData objects it builds (never the user's)."""
 
@@ -75,6 +82,7 @@ REGISTRY_KEYS = _CELLPLM_REGISTRY_KEYS()
 MODULE_KEYS = _CELLPLM_MODULE_KEYS()
 DATA_KEYS = _CELLPLM_DATA_KEYS()
 COLUMNS = _CELLPLM_COLUMNS()
+COVARIATES = _CELLPLM_COVARIATES()
 SLOTS = _CELLPLM_SLOTS()
 
 SENTENCE_KEY = DATA_KEYS.SENTENCE_KEY

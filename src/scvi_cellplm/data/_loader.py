@@ -150,6 +150,9 @@ def concat_sorted(groups: dict[int, np.ndarray]) -> np.ndarray:
 class SentenceDataSplitter(pl.LightningDataModule):
     """Split cells into training and validation *within each sample*, then build sentences.
 
+    Not scvi-tools' ``DataSplitter``: it splits cells at random and batches them by index, but a
+    CellPLM mini-batch must hold whole sentences (cells of one sample attend to each other).
+
     Parameters
     ----------
     adata_manager

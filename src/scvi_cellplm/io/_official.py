@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .._constants import OFFICIAL_SENTENCE_CELLS
+from .._constants import COVARIATES, OFFICIAL_SENTENCE_CELLS
 from .._exceptions import CheckpointError
 from ._safe_load import safe_torch_load
 
@@ -246,8 +246,8 @@ def model_to_config(model) -> dict:
             "it): export a model with positional_encoding='none'."
         )
     first = module.decoder.covariates[0] if len(module.decoder.covariates) else {}
-    n_batch = first["batch"].embedding.num_embeddings if "batch" in first else 0
-    n_dataset = first["dataset"].embedding.num_embeddings if "dataset" in first else 0
+    n_batch = first[COVARIATES.BATCH].embedding.num_embeddings if COVARIATES.BATCH in first else 0
+    n_dataset = first[COVARIATES.DATASET].embedding.num_embeddings if COVARIATES.DATASET in first else 0
     return {
         "name": "scvi-cellplm export",
         "architecture": "OmicsFormer",

@@ -221,6 +221,10 @@ class CellPLM(LatentMixin, ExpressionMixin, OfficialCheckpointMixin, CellPLMBase
         was, so reference embeddings are unchanged. Train with :meth:`train` (weight decay is off
         for frozen models).
 
+        The signature and semantics are ``ArchesMixin``'s; the mixin itself is not used because
+        it rebuilds the module from registry sizes and pads genes by position, where a CellPLM
+        query keeps the reference's vocabulary and decoder tables (see ``model._transfer``).
+
         Parameters
         ----------
         adata

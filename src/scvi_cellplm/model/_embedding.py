@@ -13,7 +13,12 @@ from .._exceptions import InputDataError
 
 
 class LatentMixin:
-    """The cell embedding of models whose module has a CellPLM latent layer."""
+    """The cell embedding of models whose module has a CellPLM latent layer.
+
+    Not scvi-tools' ``VAEMixin``/``EmbeddingMixin``: those iterate fixed-size index batches, while
+    a CellPLM cell's embedding depends on its whole sentence, so every call goes through the
+    sentence engine (:meth:`~scvi_cellplm.model._inference.SentenceInferenceMixin._collect`).
+    """
 
     def _latent_module(self):
         return getattr(self.module, "backbone", self.module)

@@ -20,7 +20,12 @@ from .._exceptions import InputDataError
 
 
 class ExpressionMixin:
-    """``get_normalized_expression``, ``impute`` and ``denoise`` of models with a CellPLM decoder."""
+    """``get_normalized_expression``, ``impute`` and ``denoise`` of models with a CellPLM decoder.
+
+    Not scvi-tools' ``RNASeqMixin`` (fixed-size index batches, batches decoded by registry code):
+    here whole sentences are decoded, and batches are matched to the decoder's by name, so data
+    with other or new batch categories decodes correctly or asks for ``transform_batch``.
+    """
 
     @torch.inference_mode()
     def get_normalized_expression(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .._constants import COVARIATES
 from .._exceptions import CheckpointError
 
 DATA_BUFFERS = frozenset({"dataset_gene_mask", "gene_index"})
@@ -18,7 +19,7 @@ DATA_BUFFERS = frozenset({"dataset_gene_mask", "gene_index"})
 HEAD_KEYS = frozenset({"n_head_hidden", "freeze_encoder", "zero_perturbed_genes", "target_sum",
                        "training_perturbations", "label_categories", "head_genes"})
 """Constructor arguments of the heads, not of the backbone."""
-_TABLES = {"batch": "n_batch_embeddings", "dataset": "n_dataset_embeddings"}
+_TABLES = {COVARIATES.BATCH: "n_batch_embeddings", COVARIATES.DATASET: "n_dataset_embeddings"}
 
 
 def backbone_of(module: torch.nn.Module) -> torch.nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._constants import COVARIATES
 from .._exceptions import InputDataError
 from ._norm import Norm, make_norm
 
@@ -92,9 +93,9 @@ class NBDecoder(nn.Module):
             for _ in self.layers:
                 cov = nn.ModuleDict()
                 if n_batch:
-                    cov["batch"] = CovariateEmbedding(n_batch, n_hidden, norm)
+                    cov[COVARIATES.BATCH] = CovariateEmbedding(n_batch, n_hidden, norm)
                 if n_dataset:
-                    cov["dataset"] = CovariateEmbedding(n_dataset, n_hidden, norm)
+                    cov[COVARIATES.DATASET] = CovariateEmbedding(n_dataset, n_hidden, norm)
                 self.covariates.append(cov)
         self.head = nn.Linear(n_hidden, n_head_hidden)
         self.mean = nn.Linear(n_head_hidden, n_genes)
@@ -112,10 +113,10 @@ class NBDecoder(nn.Module):
             x = layer(x)
             if len(self.covariates):
                 cov = self.covariates[i]
-                if "batch" in cov:
-                    x = x + cov["batch"](batch_index)
-                if "dataset" in cov:
-                    x = x + cov["dataset"](dataset_index)
+                if COVARIATES.BATCH in cov:
+                    x = x + cov[COVARIATES.BATCH](batch_index)
+                if COVARIATES.DATASET in cov:
+                    x = x + cov[COVARIATES.DATASET](dataset_index)
         out = self.mean(torch.relu(self.head(x)))
         mean = out if self.likelihood == "gaussian" else torch.exp(out).clamp(min=1e-5, max=1e6)
         theta = torch.exp(self.log_theta).clamp(min=1e-4, max=1e4)
