@@ -120,14 +120,16 @@ reference.shape
 # ## 3. Loading it in scvi-cellplm
 #
 # Three lines. `setup_anndata` registers raw counts and the batch; the genes may be Ensembl ids
-# or, as here, **symbols**: they are mapped to the checkpoint's Ensembl vocabulary with tables
-# shipped in the package, offline.
+# or, as here, **symbols**: they are matched to the checkpoint's Ensembl vocabulary by identifier
+# (never by column position), with tables shipped in the package, offline. Vocabulary genes the
+# data lacks would be unmeasured, genes outside the vocabulary dropped;
+# `model.gene_alignment(adata).summary()` reports the match.
 
 # %%
 CellPLM.setup_anndata(adata, layer="counts", batch_key="batch")
 model = CellPLM.from_official("ckpt/tutorial_small", adata)
 adata.obsm["X_cellplm"] = model.get_latent_representation()
-print(model.gene_alignment.summary())
+print(model.gene_alignment(adata).summary())
 
 # %% [markdown]
 # The official JSON is translated once into ordinary keyword arguments; the model is an ordinary

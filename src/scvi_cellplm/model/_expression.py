@@ -162,14 +162,17 @@ class ExpressionMixin:
         adata: AnnData | None = None,
         key_added: str = SLOTS.DENOISED,
         library_size: float | Literal["latent"] = "latent",
+        transform_batch: Sequence[str] | None = None,
     ) -> None:
         """Write denoised expression to ``adata.layers[key_added]`` (default ``"cellplm_denoised"``).
 
         By default each cell keeps its observed library size, so the layer is on the count scale.
+        ``transform_batch`` decodes every cell as these (known) batches, as in
+        :meth:`get_normalized_expression`: needed for cells of batches the model was not trained on.
         """
         adata = self._validate_anndata(adata)
         adata.layers[key_added] = self.get_normalized_expression(
-            adata, library_size=library_size, return_numpy=True
+            adata, library_size=library_size, return_numpy=True, transform_batch=transform_batch
         )
 
 
