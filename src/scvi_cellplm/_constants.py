@@ -101,3 +101,7 @@ OFFICIAL_SENTENCE_CELLS = 100_000
 embedded as one sentence, as the official ``predict`` does; larger ones are windowed (logged)."""
 LOW_VOCABULARY_SHARE = 0.5
 """Gene alignment warns when a dataset measures less than this share of the model's vocabulary."""
+MAX_COORDINATE = 1e30
+"""Largest usable absolute spatial coordinate. A cell with any coordinate NaN, ±inf or beyond this
+(no tissue is that large; the loaders deliver float32, whose range ends at 3.4e38) has no usable
+position: it gets the learned "missing position" encoding and no spatial neighbours."""

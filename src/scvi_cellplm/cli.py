@@ -163,6 +163,8 @@ def _atomic_write_h5ad(adata, out: str) -> None:
 
 def _embed(args: argparse.Namespace) -> int:
     # Everything that can be checked without the data or the model is checked first.
+    if os.path.isdir(args.input):
+        raise UsageError(f"the input {args.input} is a folder; give the path of an .h5ad file.")
     if not os.path.isfile(args.input):
         raise FileNotFoundError(f"input file not found: {args.input}")
     check_output_path(args.out, args.overwrite, args.input)
@@ -271,6 +273,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         config["devices"] = int(config["devices"])
     if args.no_progress:
         config["progress_bar"] = False
+    if args.overwrite:
+        config["overwrite"] = True
     missing = [k for k in ("data", "out_dir") if not config.get(k)]
     if missing:
         flags = {"data": "--data", "out_dir": "--out"}
@@ -346,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (_, kind, text) in PRETRAIN_FLAGS.items():
         pre.add_argument(flag, type=kind, default=None, help=text)
     pre.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    pre.add_argument("--overwrite", action="store_true",
+                     help="start a new run in an --out whose checkpoints/ holds an earlier run's (deleted)")
     _add_common(pre, top=False)
     pre.set_defaults(func=_pretrain)
     return parser

@@ -9,10 +9,22 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
-from .._constants import COLUMNS
+from .._constants import COLUMNS, MAX_COORDINATE
 from ._sentences import bisect_windows
 
 logger = logging.getLogger(__name__)
+
+
+def usable_coordinates(coords: np.ndarray) -> np.ndarray:
+    """Return whether each cell (row) has a usable position.
+
+    A row is usable when all its coordinates are finite and at most ``MAX_COORDINATE`` (1e30) in
+    absolute value; other rows (NaN, ±inf, overflowing values) are "missing position", as the module
+    reads them (:func:`~scvi_cellplm.module.positional.unusable_positions`).
+    """
+    coords = np.asarray(coords, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return (np.isfinite(coords) & (np.abs(coords) <= MAX_COORDINATE)).all(axis=1)
 
 
 def spatial_graph(
@@ -33,7 +45,9 @@ def spatial_graph(
     import squidpy as sq
 
     coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
-    coords = np.where(np.isfinite(coords), coords, np.nanmedian(coords, axis=0))
+    usable = usable_coordinates(coords)  # cells without a usable position sit at the median
+    fill = np.median(coords[usable], axis=0) if usable.any() else np.zeros(coords.shape[1])
+    coords = np.where(usable[:, None], coords, fill)
     obs = pd.DataFrame(index=adata.obs_names.copy())
     if library_key is not None:
         obs[library_key] = pd.Categorical(adata.obs[library_key].astype(str))

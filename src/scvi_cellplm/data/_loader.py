@@ -7,9 +7,10 @@ from collections.abc import Callable
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from scipy import sparse
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .._constants import DATA_KEYS
+from .._constants import DATA_KEYS, REGISTRY_KEYS
 from .._exceptions import InputDataError
 from ._sentences import make_sentences, pack_sentences
 
@@ -28,6 +29,11 @@ class SentenceDataset(Dataset):
                  gene_index: np.ndarray | None = None) -> None:
         self.inner = adata_manager.create_torch_dataset(load_sparse_tensor=load_sparse_tensor)
         self.gene_index = None if gene_index is None else torch.as_tensor(gene_index, dtype=torch.long)
+        # sparse rows with duplicated entries are summed per mini-batch (as scipy reads them); an
+        # in-memory matrix in canonical format needs no check at all
+        x = adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        self.check_duplicates = load_sparse_tensor and not (
+            sparse.issparse(x) and x.format in ("csr", "csc") and x.has_canonical_format)
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -39,11 +45,38 @@ class SentenceDataset(Dataset):
         idx, sid = idx[order], sid[order]
         data = self.inner[idx]
         data = {k: v if torch.is_tensor(v) else torch.as_tensor(v) for k, v in data.items()}
+        if self.check_duplicates:
+            data[REGISTRY_KEYS.X_KEY] = sum_duplicates(data[REGISTRY_KEYS.X_KEY])
         data[DATA_KEYS.SENTENCE_KEY] = torch.as_tensor(sid, dtype=torch.long)
         data[DATA_KEYS.INDICES_KEY] = torch.as_tensor(idx, dtype=torch.long)
         if self.gene_index is not None:
             data[DATA_KEYS.GENE_INDEX_KEY] = self.gene_index
         return data
+
+
+def sum_duplicates(x: torch.Tensor) -> torch.Tensor:
+    """Return a sparse CSR/CSC tensor with duplicated entries summed and indices sorted.
+
+    scipy reads a duplicated entry as the sum of its copies; torch's sparse compressed tensors keep
+    them apart, so an elementwise function (``log1p``) of the copies would differ from that of the
+    sum. Tensors already in canonical form (and dense ones) are returned as they are.
+    """
+    if x.layout == torch.sparse_csr:
+        ptr, idx = x.crow_indices(), x.col_indices()
+    elif x.layout == torch.sparse_csc:
+        ptr, idx = x.ccol_indices(), x.row_indices()
+    else:
+        return x
+    if idx.numel() < 2:
+        return x
+    outer = torch.repeat_interleave(torch.arange(len(ptr) - 1, device=ptr.device), ptr.diff())
+    if bool(((outer[1:] != outer[:-1]) | (idx[1:] > idx[:-1])).all()):
+        return x
+    csr = x.layout == torch.sparse_csr
+    pairs = torch.stack([outer, idx] if csr else [idx, outer])
+    # a new COO tensor (x.to_sparse_coo() is marked coalesced and would keep the copies)
+    coo = torch.sparse_coo_tensor(pairs, x.values(), x.shape).coalesce()
+    return coo.to_sparse_csr() if csr else coo.to_sparse_csc()
 
 
 class SentenceSampler(Sampler):

@@ -16,7 +16,9 @@ def measured_genes(adata_manager) -> np.ndarray:
     n_dataset = adata_manager.summary_stats.get(f"n_{REGISTRY_KEYS.DATASET_KEY}", int(codes.max()) + 1)
     mask = np.zeros((n_dataset, x.shape[1]), dtype=bool)
     for d in range(n_dataset):
-        mask[d] = x[codes == d].getnnz(axis=0) > 0
+        block = x[codes == d]  # a copy: stored zeros are not measurements
+        block.eliminate_zeros()
+        mask[d] = block.getnnz(axis=0) > 0
     return mask
 
 

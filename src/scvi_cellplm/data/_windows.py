@@ -14,7 +14,7 @@ import numpy as np
 from scipy import sparse
 
 from .._constants import REGISTRY_KEYS
-from ._graph import graph_windows, spatial_graph
+from ._graph import graph_windows, spatial_graph, usable_coordinates
 from ._sentences import bisect_windows
 
 WINDOW_PCA_CELLS = 20_000
@@ -28,14 +28,15 @@ Windower = Callable[[np.ndarray], list[np.ndarray]]
 def make_windower(adata_manager, max_cells: int) -> Windower:
     """Return the windower of :func:`~.make_sentences` for the data registered in ``adata_manager``.
 
-    Samples whose cells all have finite coordinates are cut by spectral bisection of the spatial
-    graph (``obsp['spatial_connectivities']`` when squidpy built it, else a kNN graph, computed
-    once); the others by bisection of their expression PCA.
+    Samples whose cells all have usable coordinates (finite, at most ``MAX_COORDINATE``) are cut
+    by spectral bisection of the spatial graph (``obsp['spatial_connectivities']`` when squidpy
+    built it, else a kNN graph, computed once); the others by bisection of their expression PCA.
     """
     setup = adata_manager.registry["setup_args"]
-    coords = None
+    coords = usable = None
     if REGISTRY_KEYS.SPATIAL_KEY in adata_manager.data_registry:
         coords = np.asarray(adata_manager.get_from_registry(REGISTRY_KEYS.SPATIAL_KEY), dtype=float)
+        usable = usable_coordinates(coords)
     cache: dict = {}
 
     def graph():
@@ -47,7 +48,7 @@ def make_windower(adata_manager, max_cells: int) -> Windower:
         return cache["graph"]
 
     def windower(members: np.ndarray) -> list[np.ndarray]:
-        if coords is not None and np.isfinite(coords[members]).all():
+        if coords is not None and usable[members].all():
             sub = graph()[members][:, members]
             return graph_windows(sub, max_cells, coords[members])
         x = adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)

@@ -19,6 +19,16 @@ import torch
 from .._constants import COVARIATES, OFFICIAL_SENTENCE_CELLS
 from .._exceptions import CheckpointError
 from ._safe_load import safe_torch_load
+from ._validate import (
+    MAX_CATEGORIES,
+    MAX_DEPTH,
+    MAX_WIDTH,
+    check_bool,
+    check_float,
+    check_int,
+    check_mapping,
+    check_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,24 +58,78 @@ UNUSED_OFFICIAL_KEYS = (
     "embedder.pe_enc.pe_enc.weight",
 )
 _MUST_BE_OFF = ("input_covariate", "dsbn", "ecs", "dar", "cat_pe")
+# Integer network keys: (lowest, highest); the required ones are in _REQUIRED.
+_INT_KEYS = {
+    "enc_hid": (1, MAX_WIDTH), "enc_layers": (1, MAX_DEPTH), "enc_head": (1, MAX_DEPTH),
+    "post_latent_dim": (1, MAX_WIDTH), "dec_hid": (1, MAX_WIDTH), "dec_layers": (2, MAX_DEPTH),
+    "num_clusters": (1, MAX_WIDTH), "out_dim": (1, MAX_CATEGORIES), "batch_num": (0, MAX_CATEGORIES),
+    "dataset_num": (0, MAX_CATEGORIES), "platform_num": (0, MAX_CATEGORIES),
+}
+# Float network keys: (lowest, highest, highest excluded)
+_FLOAT_KEYS = {"model_dropout": (0.0, 1.0, True), "lamda": (0.0, 1e6, False), "w_li": (0.0, 1e6, False),
+               "w_en": (0.0, 1e6, False)}
+_REQUIRED = ("enc_mod", "enc_hid", "enc_layers", "latent_mod", "post_latent_dim", "dec_hid",
+             "dec_layers", "norm", "gene_list")
+MAX_OFFICIAL_PARAMETERS = 2_000_000_000
+"""Largest network an official config may describe (the official checkpoints have 85M parameters)."""
 
 
 def read_official_config(path: str) -> dict:
-    """Read an official ``*.config.json``."""
+    """Read an official ``*.config.json`` and check it (see :func:`check_official_config`)."""
     try:
-        with open(path) as fh:
-            return json.load(fh)
+        with open(path, encoding="utf-8") as fh:
+            config = json.load(fh)
     except FileNotFoundError as err:
         raise CheckpointError(f"No official config at {path}.") from err
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    except OSError as err:
+        raise CheckpointError(f"Cannot read the official config {path}: {err}") from err
+    return check_official_config(config, path)
+
+
+def check_official_config(config, where: str = "official config") -> dict:
+    """Check the types and ranges of every network key of an official config; return it.
+
+    Sizes are integers in bounded ranges (widths up to ``MAX_WIDTH``, layers and heads up to
+    ``MAX_DEPTH``, batch and dataset tables and genes up to ``MAX_CATEGORIES``, the whole network
+    up to ``MAX_OFFICIAL_PARAMETERS``), rates finite numbers, switches booleans, and ``gene_list``
+    a list of distinct non-empty strings. Raises :class:`~scvi_cellplm.CheckpointError` naming the
+    first bad field, before anything is built.
+    """
+    check_mapping(config, "(top level)", where)
+    missing = [k for k in _REQUIRED if k not in config]
+    if missing:
+        raise CheckpointError(f"{where}: required fields missing: {missing}.")
+    sizes = {k: check_int(config[k], k, lo, hi, where) for k, (lo, hi) in _INT_KEYS.items() if k in config}
+    for key, (lo, hi, open_) in _FLOAT_KEYS.items():
+        if key in config:
+            check_float(config[key], key, lo, hi, where, high_open=open_)
+    for key in _MUST_BE_OFF:
+        if key in config:
+            check_bool(config[key], key, where)
+    genes = check_names(config["gene_list"], "gene_list", where)
+    if sizes["enc_hid"] % sizes.get("enc_head", 8):
+        raise CheckpointError(f"{where}: field 'enc_hid' ({sizes['enc_hid']}) must be a multiple of "
+                              f"'enc_head' ({sizes.get('enc_head', 8)}).")
+    hid, dec, lat = sizes["enc_hid"], sizes["dec_hid"], sizes["post_latent_dim"]
+    tables = sizes.get("batch_num", 0) + sizes.get("dataset_num", 0)
+    n_params = (len(genes) * (hid + 2 * dec) + sizes["enc_layers"] * 12 * hid * hid
+                + hid * (2 * lat + sizes.get("num_clusters", 16))
+                + (sizes["dec_layers"] - 1) * dec * (lat + dec + tables))
+    if n_params > MAX_OFFICIAL_PARAMETERS:
+        raise CheckpointError(f"{where}: the sizes describe a network of about {n_params:.3g} parameters "
+                              f"(at most {MAX_OFFICIAL_PARAMETERS:.0e}); the config is damaged or not CellPLM's.")
+    return config
 
 
 def config_to_kwargs(config: dict) -> dict[str, Any]:
     """Translate an official config into :class:`~scvi_cellplm.CellPLM` keyword arguments.
 
-    Raises :class:`~scvi_cellplm.CheckpointError` naming unknown keys and unsupported values.
+    Raises :class:`~scvi_cellplm.CheckpointError` naming unknown keys, malformed fields (see
+    :func:`check_official_config`) and unsupported values.
     """
+    check_official_config(config)
     unknown = sorted(set(config) - MODEL_KEYS - TRAINING_KEYS)
     if unknown:
         raise CheckpointError(f"Unknown keys in the official config: {unknown}.")
@@ -83,9 +147,7 @@ def config_to_kwargs(config: dict) -> dict[str, Any]:
         problems.append(f"head_type={config['head_type']!r} (only None)")
     if config.get("platform_num", 0):
         problems.append("platform_num > 0 (platform covariate unsupported)")
-    if "gene_list" not in config:
-        problems.append("gene_list missing")
-    elif config.get("out_dim", len(config["gene_list"])) != len(config["gene_list"]):
+    if config.get("out_dim", len(config["gene_list"])) != len(config["gene_list"]):
         problems.append(f"out_dim={config['out_dim']} differs from len(gene_list)")
     if problems:
         raise CheckpointError("Unsupported official config: " + "; ".join(problems) + ".")

@@ -18,6 +18,7 @@ from ..module._classifier import CellPLMClassifierModule
 from ._base import CellPLMBase
 from ._cellplm import CellPLM
 from ._embedding import LatentMixin
+from ._inference import checked_indices
 from ._setup import anndata_fields, check_obs_keys
 from ._transfer import transfer
 
@@ -229,6 +230,8 @@ class CellPLMAnnotator(LatentMixin, CellPLMBase):
         """
         if adata is not None:
             self._warn_unseen_labels(adata)
+        adata = self._validate_anndata(adata)
+        indices = None if indices is None else checked_indices(indices, adata.n_obs)
         module = self.module
 
         def compute(tensors: dict) -> torch.Tensor:
@@ -236,8 +239,7 @@ class CellPLMAnnotator(LatentMixin, CellPLMBase):
             return torch.softmax(module.generative(z)[MODULE_KEYS.LOGITS_KEY], dim=-1)
 
         probs = self._collect(compute, adata, indices, batch_size, n_cols=len(self.label_categories_))
-        adata = self._validate_anndata(adata)
-        names = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
+        names = adata.obs_names if indices is None else adata.obs_names[indices]
         if soft:
             return pd.DataFrame(probs, index=names, columns=self.label_categories_)
         labels = np.asarray(self.label_categories_, dtype=object)[probs.argmax(1)]

@@ -93,7 +93,7 @@ class CellPLMBase(SentenceInferenceMixin, BaseModelClass):
                     "`adata.var_names_make_unique()` or choose another `gene_id_key`."
                 )
             gene_vocabulary = list(ids)
-        self.gene_vocabulary = [str(g) for g in gene_vocabulary]
+        self.gene_vocabulary = _checked_vocabulary(gene_vocabulary)
         n_genes = len(self.gene_vocabulary)
         index = self._gene_index(manager)  # the training data's genes, by identity
         n_spatial = self.summary_stats.get(f"n_{REGISTRY_KEYS.SPATIAL_KEY}", 0)
@@ -382,3 +382,19 @@ class CellPLMBase(SentenceInferenceMixin, BaseModelClass):
             ``max_cells_per_batch``.
         """
         return _saving.load_model(cls, dir_path, adata, accelerator, device, prefix, overrides)
+
+
+def _checked_vocabulary(genes) -> list[str]:
+    """Return the gene vocabulary as distinct, non-empty strings, or raise a GeneAlignmentError."""
+    if isinstance(genes, str) or not hasattr(genes, "__iter__"):
+        raise GeneAlignmentError(f"`gene_vocabulary` must be a list of gene ids, got {type(genes).__name__}.")
+    vocabulary = pd.Index([str(g) for g in genes])
+    if not len(vocabulary) or (vocabulary.str.strip() == "").any():
+        raise GeneAlignmentError("`gene_vocabulary` must be a non-empty list of non-empty gene ids.")
+    duplicated = vocabulary[vocabulary.duplicated()].unique()
+    if len(duplicated):
+        raise GeneAlignmentError(
+            f"`gene_vocabulary` has duplicated genes: {list(duplicated[:5])}; pass each gene once "
+            "(e.g. `list(dict.fromkeys(genes))`)."
+        )
+    return list(vocabulary)

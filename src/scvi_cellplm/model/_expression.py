@@ -17,6 +17,7 @@ from scvi.data import AnnDataManager
 
 from .._constants import MODULE_KEYS, REGISTRY_KEYS, SLOTS
 from .._exceptions import InputDataError
+from ._inference import checked_indices
 
 
 class ExpressionMixin:
@@ -64,6 +65,7 @@ class ExpressionMixin:
         Values for ``adata.layers["cellplm_denoised"]``.
         """
         adata = self._validate_anndata(adata)
+        indices = None if indices is None else checked_indices(indices, adata.n_obs)
         manager = self.get_anndata_manager(adata, required=True)
         var_names = self._registered_var(manager).index
         genes = np.arange(len(var_names))
@@ -104,7 +106,7 @@ class ExpressionMixin:
         out = self._collect(compute, adata, indices, batch_size, n_cols=len(genes))
         if return_numpy:
             return out
-        obs_names = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
+        obs_names = adata.obs_names if indices is None else adata.obs_names[indices]
         return pd.DataFrame(out, index=obs_names, columns=var_names[genes])
 
     def _decoder_batches(self, manager: AnnDataManager, transform_batch):

@@ -64,6 +64,7 @@ class SentenceInferenceMixin:
         ``max_cells_per_batch`` cells; every cell is in exactly one.
         """
         adata = self._validate_anndata(adata)
+        indices = None if indices is None else checked_indices(indices, adata.n_obs)
         return self._sentences(self.get_anndata_manager(adata, required=True), indices)
 
     def _sentences(self, manager: AnnDataManager, indices=None, max_cells: int | None = None) -> list[np.ndarray]:
@@ -120,11 +121,11 @@ class SentenceInferenceMixin:
         """
         adata = self._validate_anndata(adata)
         n_obs = adata.n_obs
-        idx = np.arange(n_obs) if indices is None else _checked_indices(indices, n_obs)
+        idx = np.arange(n_obs) if indices is None else checked_indices(indices, n_obs)
         pos = np.full(n_obs, -1, dtype=np.int64)
         pos[idx] = np.arange(len(idx))
-        if out is not None and (len(out.shape) != 2 or out.shape[0] != len(idx)):
-            raise InputDataError(f"`out` must have {len(idx)} rows, got shape {tuple(out.shape)}.")
+        if out is not None:
+            _check_out(out, len(idx), n_cols)
         batches = self._inference_batches(adata, None if indices is None else idx, batch_size,
                                           context=context, validate=False)
         for obs, tensors in batches:
@@ -143,8 +144,28 @@ class SentenceInferenceMixin:
         return out
 
 
-def _checked_indices(indices, n_obs: int) -> np.ndarray:
-    """Return ``indices`` as unique integer positions in ``[0, n_obs)``, or raise a one-line error."""
+def _check_out(out, n_rows: int, n_cols: int) -> None:
+    """Refuse an ``out`` array that would silently change the results (shape, integer dtype)."""
+    shape = tuple(getattr(out, "shape", ()))
+    if len(shape) != 2 or shape[0] != n_rows or (n_cols and shape[1] != n_cols):
+        wanted = f"({n_rows}, {n_cols})" if n_cols else f"{n_rows} rows"
+        raise InputDataError(f"`out` must have shape {wanted}, got {shape}.")
+    dtype = getattr(out, "dtype", None)
+    if dtype is None or not np.issubdtype(np.dtype(dtype), np.floating):
+        raise InputDataError(
+            f"`out` must have a floating dtype (float32 or float64), got {dtype}: other dtypes would "
+            "truncate the values."
+        )
+
+
+def checked_indices(indices, n_obs: int) -> np.ndarray:
+    """Return ``indices`` as unique integer positions in ``[0, n_obs)``, or raise a one-line error.
+
+    A boolean mask of ``n_obs`` entries selects its ``True`` cells; negative positions count from
+    the end. Duplicates, positions out of range, and non-integer values are refused.
+    """
+    if isinstance(indices, slice):
+        return np.arange(n_obs)[indices]
     idx = np.asarray(indices)
     if idx.dtype == np.bool_:
         if idx.shape != (n_obs,):

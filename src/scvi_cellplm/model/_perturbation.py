@@ -21,6 +21,7 @@ from ..io._genes import align_genes
 from ..module._perturbation import CellPLMPerturbationModule
 from ._base import CellPLMBase
 from ._cellplm import CellPLM
+from ._inference import checked_indices
 from ._setup import anndata_fields, check_obs_keys
 from ._transfer import transfer
 
@@ -377,7 +378,7 @@ class CellPLMPerturbation(CellPLMBase):
                 if self.perturbation_key in adata.obs else None
             cells = np.arange(adata.n_obs) if labels is None else np.flatnonzero(labels == self.control_category)
         else:
-            cells = np.asarray(indices, dtype=np.int64)
+            cells = checked_indices(indices, adata.n_obs)
         if len(cells) == 0:
             raise InputDataError(f"No control cells ({self.perturbation_key} == {self.control_category!r}).")
         perturbations = list(self.training_perturbations_ if perturbations is None else perturbations)

@@ -13,6 +13,7 @@ from anndata import read_h5ad
 from .._constants import ADATA_FILE, MODEL_FILE
 from .._exceptions import CellPLMError, CheckpointError, InputDataError
 from ..io._safe_load import safe_torch_load
+from ._metadata import check_metadata, decode
 
 FORMAT = "scvi-cellplm/1"
 
@@ -31,13 +32,8 @@ def _encode(obj):
 
 
 def _decode(obj):
-    if isinstance(obj, dict):
-        if "__ndarray__" in obj:
-            return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
-        return {k: _decode(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_decode(v) for v in obj]
-    return obj
+    """Invert :func:`_encode` (arrays of safe dtypes only, see ``_metadata.decode``)."""
+    return decode(obj)
 
 
 def _atomic_torch_save(payload: dict, path: str) -> None:
@@ -99,10 +95,11 @@ def read_model_file(path: str, mmap: bool = False) -> tuple[dict, dict]:
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         found = metadata.get("format") if isinstance(metadata, dict) else type(metadata).__name__
         raise CheckpointError(f"{path} has format {found!r}, expected {FORMAT}.")
-    for key, kind in (("class", str), ("init_params_", dict), ("registry_", dict), ("var_names", list)):
-        if not isinstance(metadata.get(key), kind):
-            raise CheckpointError(f"{path}: metadata field {key!r} is missing or not a {kind.__name__}.")
-    return payload["model_state_dict"], metadata
+    check_metadata(metadata, path)
+    state = payload["model_state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise CheckpointError(f"{path}: 'model_state_dict' is not a mapping of names to tensors.")
+    return state, metadata
 
 
 def init_kwargs(metadata: dict) -> dict:
@@ -145,10 +142,15 @@ def _attach(cls, adata, registry: dict):
     own = cls._setup_adata_manager_store.get(adata.uns.get(_SCVI_UUID_KEY))
     if own is not None and own.adata is adata:
         return own
-    method = registry.get("setup_method_name", "setup_anndata")
+    method = registry.get("setup_method_name", "setup_anndata")  # checked by check_metadata
+    if not hasattr(cls, method):
+        raise CheckpointError(f"The saved model was set up with {method!r}, which {cls.__name__} does not have.")
     try:
         getattr(cls, method)(adata, source_registry=registry, extend_categories=True,
                              **registry["setup_args"])
+    except TypeError as err:
+        raise CheckpointError(f"The saved setup arguments do not fit {cls.__name__}.{method}: {err}; "
+                              "the file is damaged or from another class.") from err
     except (KeyError, ValueError) as err:
         if isinstance(err, CellPLMError):
             raise
@@ -176,10 +178,14 @@ def load_model(cls, dir_path, adata, accelerator, device, prefix, overrides: dic
         adata = read_h5ad(adata_path)
     registry = _decode(metadata["registry_"])
     manager = _attach(cls, adata, registry)
-    kwargs = init_kwargs(metadata)
-    kwargs["gene_vocabulary"] = saved_vocabulary(metadata, manager)
-    kwargs.update(table_sizes(state, "backbone." if any(k.startswith("backbone.") for k in state) else ""))
-    kwargs.update(cls._load_kwargs(metadata, registry))
+    try:
+        kwargs = init_kwargs(metadata)
+        kwargs["gene_vocabulary"] = saved_vocabulary(metadata, manager)
+        kwargs.update(table_sizes(state, "backbone." if any(k.startswith("backbone.") for k in state) else ""))
+        kwargs.update(cls._load_kwargs(metadata, registry))
+    except (KeyError, TypeError, AttributeError, IndexError) as err:
+        raise CheckpointError(f"The saved model's metadata lacks or garbles {err}; the file is damaged: "
+                              "save the model again.") from err
     kwargs.update(overrides or {})
     try:
         model = cls(adata, **kwargs)

@@ -10,8 +10,9 @@ from anndata import AnnData
 from scipy import sparse
 from scvi.data import AnnDataManager, fields
 
-from .._constants import REGISTRY_KEYS, UNLABELED
+from .._constants import MAX_COORDINATE, REGISTRY_KEYS, UNLABELED
 from .._exceptions import InputDataError
+from ..data._graph import usable_coordinates
 
 
 class GeneLayerField(fields.LayerField):
@@ -171,15 +172,19 @@ def check_spatial(adata: AnnData, spatial_key: str) -> None:
             f"adata.obsm[{spatial_key!r}] must have 2 or 3 columns (x, y[, z]); got shape "
             f"{coords.shape}."
         )
-    if not np.issubdtype(coords.dtype, np.number):
-        raise InputDataError(f"adata.obsm[{spatial_key!r}] must be numeric, got {coords.dtype}.")
-    missing = ~np.isfinite(coords).all(axis=1)
+    if not np.issubdtype(coords.dtype, np.number) or np.issubdtype(coords.dtype, np.complexfloating):
+        raise InputDataError(f"adata.obsm[{spatial_key!r}] must be real numbers, got {coords.dtype}.")
+    missing = ~usable_coordinates(coords)
     if missing.all():
-        raise InputDataError(f"adata.obsm[{spatial_key!r}] has no finite coordinates.")
+        raise InputDataError(
+            f"adata.obsm[{spatial_key!r}] has no usable coordinates (all NaN/inf or above "
+            f"{MAX_COORDINATE:g} in absolute value); pass real positions or no `spatial_key`."
+        )
     if missing.any():
         warnings.warn(
-            f"{int(missing.sum())} cells have NaN/inf coordinates in adata.obsm[{spatial_key!r}]; "
-            "they get the learned 'missing position' encoding.",
+            f"{int(missing.sum())} cells have NaN/inf or out-of-range (|value| > {MAX_COORDINATE:g}) "
+            f"coordinates in adata.obsm[{spatial_key!r}]; they get the learned 'missing position' "
+            "encoding and no spatial neighbours.",
             UserWarning,
             stacklevel=3,
         )

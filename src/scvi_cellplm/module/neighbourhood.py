@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .._exceptions import InputDataError
+from .positional import unusable_positions
 
 KNN_CHUNK = 1024
 """Query cells per chunk of the neighbour search and of the attention at inference."""
@@ -31,7 +32,9 @@ def sentence_knn(
     Parameters
     ----------
     coords
-        ``(n_cells, n_dims)`` coordinates; rows with NaN have no neighbours (and are nobody's).
+        ``(n_cells, n_dims)`` coordinates; rows without a usable position (NaN, ±inf or
+        overflowing, see :func:`~.positional.unusable_positions`) have no neighbours (and are
+        nobody's).
     sentence
         ``(n_cells,)`` sentence of each cell; neighbours never cross sentences.
     k
@@ -50,8 +53,8 @@ def sentence_knn(
     if n < 2 or k == 0:  # no other cell to be a neighbour
         return index, valid
     points = coords.double()
-    missing = torch.isnan(points).any(dim=1)
-    points = torch.nan_to_num(points, nan=0.0)
+    missing = unusable_positions(points)
+    points = points.masked_fill(missing.unsqueeze(1), 0.0)
     width = min(k, n - 1)  # >= 1 here
     step = max(1, min(KNN_CHUNK, (1 << 24) // n))  # bounded (rows, n) distance matrices
     for start in range(0, n, step):

@@ -8,9 +8,19 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .._constants import MAX_COORDINATE
 from .._exceptions import InputDataError
 
 PositionalEncodingKind = Literal["sinusoidal", "learned", "none"]
+
+
+def unusable_positions(coords: torch.Tensor) -> torch.Tensor:
+    """Return ``(n_cells,)`` booleans: cells without a usable position.
+
+    A cell has none when any of its coordinates is NaN, ±inf or above ``MAX_COORDINATE`` (1e30) in
+    absolute value (values whose differences or squares would overflow).
+    """
+    return ~(torch.isfinite(coords) & (coords.abs() <= MAX_COORDINATE)).all(dim=1)
 
 
 def normalize_coordinates(coords: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
@@ -18,7 +28,10 @@ def normalize_coordinates(coords: torch.Tensor, sentence: torch.Tensor) -> torch
 
     Subtracts the per-sentence minimum and divides by the largest per-sentence extent, so the
     result is invariant to translation and isotropic scaling (pixels or microns give the same).
+    Cells without a usable position (:func:`unusable_positions`) get NaN and do not count in their
+    sentence's extent; compute in float64 (the differences of float32 values may overflow).
     """
+    coords = coords.masked_fill(unusable_positions(coords).unsqueeze(-1), math.nan)
     n_sentences = int(sentence.max()) + 1 if sentence.numel() else 0
     index = sentence.unsqueeze(-1).expand_as(coords)
     lo = torch.full((n_sentences, coords.shape[1]), math.inf, dtype=coords.dtype, device=coords.device)
@@ -35,7 +48,8 @@ class PositionalEncoding(nn.Module):
 
     ``"sinusoidal"`` expands each axis into sin/cos features at geometric frequencies and projects
     them linearly; ``"learned"`` is an MLP on the coordinates. Cells without coordinates (NaN) get a
-    learned "missing" vector.
+    learned "missing" vector, as do cells with infinite or overflowing coordinates
+    (:func:`unusable_positions`).
     """
 
     def __init__(
@@ -63,7 +77,7 @@ class PositionalEncoding(nn.Module):
 
     def forward(self, coords: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
         """Positional vectors ``(n_cells, n_hidden)`` for raw coordinates ``(n_cells, n_dims)``."""
-        missing = torch.isnan(coords).any(dim=1, keepdim=True)  # (n, 1)
+        missing = unusable_positions(coords).unsqueeze(1)  # (n, 1)
         unit = normalize_coordinates(coords.double(), sentence).to(self.missing.dtype)
         unit = torch.nan_to_num(unit, nan=0.0)
         if self.kind == "sinusoidal":

@@ -70,7 +70,16 @@ class _H5Rows:
         return self._file[self.key]
 
     def read(self, rows: np.ndarray, n_cols: int) -> sparse.csr_matrix:
-        """``rows`` (sorted, unique) as a CSR matrix."""
+        """``rows`` (sorted, unique) as a CSR matrix; an unreadable file is an InputDataError naming it."""
+        try:
+            return self._read(rows, n_cols)
+        except (OSError, KeyError) as err:
+            raise InputDataError(
+                f"{self.path}: cannot read its {self.key} (truncated or corrupted file?): {err}. "
+                "Write the file again or leave it out of the corpus."
+            ) from err
+
+    def _read(self, rows: np.ndarray, n_cols: int) -> sparse.csr_matrix:
         elem = self._open()
         if self._indptr is None:  # dense on disk
             return sparse.csr_matrix(np.asarray(elem[rows], dtype=np.float32))
@@ -339,7 +348,7 @@ def _to_vocabulary(x: sparse.csr_matrix, column_map: np.ndarray, n_genes: int) -
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=x.shape[0]))])
     out = sparse.csr_matrix((x.data[keep].astype(np.float32, copy=False), cols[keep], indptr),
                             shape=(x.shape[0], n_genes))
-    out.sort_indices()
+    out.sum_duplicates()  # sorted columns; duplicated entries summed (scipy's meaning)
     return out
 
 
@@ -403,23 +412,14 @@ def _read_meta(entry, layer, gene_id_key, batch_key, sample_key, platform_key) -
                 raise InputDataError(f"`{name}_key={key!r}` is not a column of obs ({list(obs.columns)}).")
             columns[name] = None if key is None else _factorize(obs[key])
     else:
-        import h5py
-        from anndata.io import read_elem
-
-        with h5py.File(entry, "r") as f:
-            var = read_elem(f["var"])
-            obs_group = f["obs"]
-            n_obs = int(obs_group[obs_group.attrs["_index"]].shape[0])
-            where = "X" if layer is None else f"layers/{layer}"
-            if where not in f:
-                raise InputDataError(f"{entry}: no {where} in the file.")
-            columns = {}
-            for name, key in keys.items():
-                if key is not None and key not in obs_group:
-                    raise InputDataError(
-                        f"{entry}: `{name}_key={key!r}` is not a column of obs ({list(obs_group)})."
-                    )
-                columns[name] = None if key is None else _factorize(read_elem(obs_group[key]))
+        try:
+            var, obs_columns, n_obs = _read_file_meta(entry, layer, keys)
+        except (OSError, KeyError) as err:
+            raise InputDataError(
+                f"{entry}: not a readable .h5ad file (truncated or corrupted?): {err}. Write the "
+                "file again or leave it out of the corpus."
+            ) from err
+        columns = {name: None if col is None else _factorize(col) for name, col in obs_columns.items()}
     if gene_id_key is not None and gene_id_key not in var:
         raise InputDataError(f"`gene_id_key={gene_id_key!r}` is not a column of var ({list(var.columns)}).")
     gene_ids = var.index if gene_id_key is None else var[gene_id_key]
@@ -427,6 +427,26 @@ def _read_meta(entry, layer, gene_id_key, batch_key, sample_key, platform_key) -
         if col is not None and (col[0] < 0).any():
             raise InputDataError(f"The {name} column has missing values; fill them first.")
     return {"n_obs": n_obs, "gene_ids": [str(g) for g in gene_ids], **columns}
+
+
+def _read_file_meta(path: str, layer, keys: dict) -> tuple:
+    """Return ``(var, obs columns, n_obs)`` of an ``.h5ad`` file (h5py errors propagate)."""
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as f:
+        var = read_elem(f["var"])
+        obs_group = f["obs"]
+        n_obs = int(obs_group[obs_group.attrs["_index"]].shape[0])
+        where = "X" if layer is None else f"layers/{layer}"
+        if where not in f:
+            raise InputDataError(f"{path}: no {where} in the file.")
+        columns = {}
+        for name, key in keys.items():
+            if key is not None and key not in obs_group:
+                raise InputDataError(f"{path}: `{name}_key={key!r}` is not a column of obs ({list(obs_group)}).")
+            columns[name] = None if key is None else read_elem(obs_group[key])
+    return var, columns, n_obs
 
 
 def _ensembl_ids(gene_ids: list[str], species: Species) -> list[str]:

@@ -20,6 +20,7 @@ from .._constants import DATA_KEYS, MODEL_FILE, REGISTRY_KEYS
 from .._exceptions import CheckpointError, InputDataError
 from .._presets import PRESETS
 from ..io._genes import Species
+from ..io._safe_load import safe_torch_load
 from ..train import CellPLMTrainingPlan
 from ._corpus import Corpus
 from ._loader import CorpusDataModule
@@ -181,6 +182,7 @@ def pretrain(
     gradient_clip_val: float = 1.0,
     seed: int = 0,
     callbacks: Sequence[pl.Callback] | None = None,
+    overwrite: bool = False,
     **trainer_kwargs,
 ):
     """Pretrain CellPLM by masked reconstruction on a corpus of AnnData files streamed from disk.
@@ -238,6 +240,10 @@ def pretrain(
         Seed of the weights, the sentence windows, the shuffle and every step's random draws.
     callbacks
         Extra Lightning callbacks.
+    overwrite
+        Start a new run in an ``OUT_DIR`` whose ``checkpoints/`` holds an earlier run's checkpoints
+        (they are deleted first). Without it such a folder is refused unless ``resume_from``
+        continues that run, so ``resume_from="last"`` always means the run of this folder.
     **trainer_kwargs
         Passed to :class:`lightning.pytorch.Trainer`.
 
@@ -255,6 +261,9 @@ def pretrain(
     ...                  resume_from="last")  # after a crash
     """
     out_dir = Path(out_dir)
+    if resume_from == "last":
+        resume_from = out_dir / CHECKPOINT_DIR / "last.ckpt"
+    _check_checkpoints(out_dir / CHECKPOINT_DIR, resume_from, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(seed, verbose=False)
     corpus = data if isinstance(data, Corpus) else Corpus(
@@ -267,10 +276,6 @@ def pretrain(
                            **{"lr": lr, **(plan_kwargs or {})})
     plan.n_obs_training = corpus.n_cells
     datamodule = CorpusDataModule(corpus, max_cells_per_batch, seed=seed, num_workers=num_workers)
-    if resume_from == "last":
-        resume_from = out_dir / CHECKPOINT_DIR / "last.ckpt"
-    if resume_from is not None and not Path(resume_from).exists():
-        raise CheckpointError(f"No checkpoint at {resume_from}: pass an existing .ckpt file, or `resume_from=None`.")
 
     trainer = pl.Trainer(
         max_steps=max_steps,
@@ -333,6 +338,43 @@ def load_pretrained(dir_path: str | os.PathLike, adata: AnnData, **kwargs):
     model = CellPLM.load(str(path), adata, **kwargs)
     model.is_trained_ = True
     return model
+
+
+def _is_rank_zero() -> bool:
+    """Whether this process is the first (or only) one of a distributed launch."""
+    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def _check_checkpoints(folder: Path, resume_from, overwrite: bool) -> None:
+    """Refuse to mix two runs in one checkpoints folder; check a checkpoint to resume from.
+
+    Lightning writes ``last-v1.ckpt`` next to an earlier run's ``last.ckpt``, so a later
+    ``resume_from="last"`` would resume the wrong run: a folder with checkpoints is refused unless
+    ``resume_from`` is one of them (the same run continues) or ``overwrite`` deletes them.
+    """
+    if resume_from is not None:
+        if not Path(resume_from).is_file():
+            raise CheckpointError(f"No checkpoint at {resume_from}: pass an existing .ckpt file, or "
+                                  "`resume_from=None`.")
+        checkpoint = safe_torch_load(str(resume_from), "pretraining checkpoint", mmap=True)
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise CheckpointError(f"{resume_from} is not a Lightning checkpoint of a pretraining run.")
+        del checkpoint
+    if not _is_rank_zero():  # the other ranks of a DDP launch: rank 0 checked (and cleaned)
+        return
+    existing = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+    ours = resume_from is not None and Path(resume_from).resolve().parent == folder.resolve()
+    if not existing or ours:
+        return
+    if not overwrite:
+        raise CheckpointError(
+            f"{folder} holds the checkpoints of an earlier run ({existing[0].name}, ...): pass "
+            "resume_from='last' to continue it, overwrite=True (--overwrite) to start a new run "
+            "there, or another output folder."
+        )
+    for path in existing:
+        path.unlink()
+    logger.info("Deleted %d checkpoints of an earlier run in %s.", len(existing), folder)
 
 
 def _checkpointing(out_dir: Path, every: int, keep: int) -> pl.callbacks.ModelCheckpoint:

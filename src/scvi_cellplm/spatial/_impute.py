@@ -19,6 +19,7 @@ from scipy import sparse
 from .._constants import COLUMNS
 from .._exceptions import GeneAlignmentError, InputDataError
 from ..model import CellPLM
+from ..model._setup import check_obs_keys, check_spatial
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,12 @@ def joint_anndata(
         rescale = "none"
     if rescale not in ("none", "percentile", "quantile"):
         raise InputDataError(f"`rescale` must be 'none', 'percentile' or 'quantile', got {rescale!r}.")
+    check_spatial(spatial, spatial_key)  # the user's coordinates: named key, shape, usable values
+    check_obs_keys(spatial, sample_key=sample_key)
+    check_obs_keys(reference, reference_sample_key=reference_sample_key)
+    for name, adata in (("spatial", spatial), ("reference", reference)):
+        if layer is not None and layer not in adata.layers:
+            raise InputDataError(f"`layer={layer!r}` is not a layer of the {name} data ({list(adata.layers)}).")
 
     def _values(adata) -> sparse.csr_matrix:
         x = sparse.csr_matrix(adata.X if layer is None else adata.layers[layer], dtype=np.float32)
@@ -185,7 +192,7 @@ def impute_genes(
                           sample_key=sample_key, reference_sample_key=reference_sample_key,
                           rescale="quantile" if gene_likelihood == "gaussian" else "none")
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*NaN/inf coordinates.*")
+        warnings.filterwarnings("ignore", message=".*cells have NaN/inf")
         warnings.filterwarnings("ignore", message=".*non-integer values.*")
         CellPLM.setup_anndata(joint, sample_key=SAMPLE_COLUMN, dataset_key=DATASET_COLUMN,
                               spatial_key=spatial_key)
