@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import anndata as ad
 import lightning.pytorch as pl
@@ -11,8 +12,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from conftest import TINY
+from legacy_format import save_legacy
 
 from scvi_cellplm import CellPLM, CheckpointError, GeneAlignmentError, InputDataError
+from scvi_cellplm._constants import LEGACY_MODEL_FILE, METADATA_FILE, MODEL_FILE
 
 
 def _setup(adata, **kwargs):
@@ -174,9 +177,17 @@ def test_positional_encoding_without_coordinates_is_an_error(small_pancreas):
 
 
 # ------------------------------------------------------------------ model files
-def test_truncated_model_file_is_a_clear_error(trained_small, small_pancreas, tmp_path):
-    trained_small.save(tmp_path / "m")
-    path = tmp_path / "m" / "model.pt"
+def _weights(folder, fmt: str, model) -> str:
+    """Path of the weights file of ``model`` saved in ``folder`` in format ``fmt``."""
+    if fmt == "legacy":
+        return save_legacy(model, folder)
+    model.save(folder)
+    return os.path.join(folder, MODEL_FILE)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "legacy"])
+def test_truncated_model_file_is_a_clear_error(trained_small, small_pancreas, tmp_path, fmt):
+    path = Path(_weights(tmp_path / "m", fmt, trained_small))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupted"):
@@ -188,11 +199,10 @@ class _Evil:
         return (os.system, ("echo pwned > /dev/null",))
 
 
-def test_model_file_with_pickled_code_is_refused(trained_small, small_pancreas, tmp_path):
+def test_legacy_model_file_with_pickled_code_is_refused(trained_small, small_pancreas, tmp_path):
     import torch
 
-    trained_small.save(tmp_path / "m")
-    path = tmp_path / "m" / "model.pt"
+    path = save_legacy(trained_small, tmp_path / "m")
     payload = torch.load(path, weights_only=True)
     payload["extra"] = _Evil()
     torch.save(payload, path)
@@ -200,36 +210,86 @@ def test_model_file_with_pickled_code_is_refused(trained_small, small_pancreas, 
         CellPLM.load(tmp_path / "m", adata=small_pancreas)
 
 
-def test_tampered_weights_are_a_clear_error(trained_small, small_pancreas, tmp_path):
+@pytest.mark.parametrize("fmt", ["safetensors", "legacy"])
+def test_tampered_weights_are_a_clear_error(trained_small, small_pancreas, tmp_path, fmt):
+    import safetensors.torch
     import torch
 
-    trained_small.save(tmp_path / "m")
-    path = tmp_path / "m" / "model.pt"
-    payload = torch.load(path, weights_only=True)
-    payload["model_state_dict"]["embedder.gene_table"] = torch.zeros(3, 3)
-    torch.save(payload, path)
+    path = _weights(tmp_path / "m", fmt, trained_small)
+    if fmt == "legacy":
+        payload = torch.load(path, weights_only=True)
+        payload["model_state_dict"]["embedder.gene_table"] = torch.zeros(3, 3)
+        torch.save(payload, path)
+    else:
+        with safetensors.safe_open(path, framework="pt") as fh:
+            header, state = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+        state["embedder.gene_table"] = torch.zeros(3, 3)
+        safetensors.torch.save_file(state, path, metadata=header)
     with pytest.raises(CheckpointError, match="gene_table"):
         CellPLM.load(tmp_path / "m", adata=small_pancreas)
 
 
 def test_interrupted_save_leaves_the_previous_model(trained_small, small_pancreas, tmp_path, monkeypatch):
-    import torch
+    import safetensors.torch
 
     trained_small.save(tmp_path / "m")
-    before = (tmp_path / "m" / "model.pt").read_bytes()
+    before = {name: (tmp_path / "m" / name).read_bytes() for name in (MODEL_FILE, METADATA_FILE)}
 
-    def crash(obj, f, *a, **k):
-        with open(f, "wb") as fh:
+    def crash(tensors, filename, *a, **k):
+        with open(filename, "wb") as fh:
             fh.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         trained_small.save(tmp_path / "m", overwrite=True)
     monkeypatch.undo()
-    assert (tmp_path / "m" / "model.pt").read_bytes() == before
-    assert sorted(os.listdir(tmp_path / "m")) == ["model.pt"]
+    assert {name: (tmp_path / "m" / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(tmp_path / "m")) == sorted(before)
     CellPLM.load(tmp_path / "m", adata=small_pancreas)
+
+
+def test_save_interrupted_between_weights_and_metadata_is_refused_not_mixed(trained_small, small_pancreas,
+                                                                            tmp_path, monkeypatch):
+    """The only window left: new weights in place, old metadata still there (power cut, kill -9)."""
+    from scvi_cellplm.model import _saving
+
+    trained_small.save(tmp_path / "m")
+    publish = _saving._publish
+
+    def killed_before_the_metadata(tmp, path):
+        if path.endswith(METADATA_FILE):
+            raise KeyboardInterrupt
+        publish(tmp, path)
+
+    monkeypatch.setattr(_saving, "_publish", killed_before_the_metadata)
+    with pytest.raises(KeyboardInterrupt):
+        trained_small.save(tmp_path / "m", overwrite=True)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "m")) == [METADATA_FILE, MODEL_FILE]  # no temporary file left
+    with pytest.raises(CheckpointError, match="different saves"):
+        CellPLM.load(tmp_path / "m", adata=small_pancreas)
+
+
+def test_interrupted_save_over_a_legacy_model_leaves_the_legacy_model(trained_small, small_pancreas, tmp_path,
+                                                                      monkeypatch):
+    from scvi_cellplm.model import _saving
+
+    save_legacy(trained_small, tmp_path / "m")
+    publish = _saving._publish
+
+    def killed_before_the_metadata(tmp, path):
+        if path.endswith(METADATA_FILE):
+            raise KeyboardInterrupt
+        publish(tmp, path)
+
+    monkeypatch.setattr(_saving, "_publish", killed_before_the_metadata)
+    with pytest.raises(KeyboardInterrupt):
+        CellPLM(small_pancreas, **TINY).save(tmp_path / "m", overwrite=True)  # another model
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "m")) == [LEGACY_MODEL_FILE, MODEL_FILE]
+    loaded = CellPLM.load(tmp_path / "m", adata=small_pancreas)  # the complete model: the legacy one
+    np.testing.assert_array_equal(loaded.get_latent_representation(), trained_small.get_latent_representation())
 
 
 # ------------------------------------------------------------------ training

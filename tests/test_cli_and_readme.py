@@ -16,4 +16,5 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     adata = namespace["adata"]
     assert adata.obsm["X_cellplm"].shape == (adata.n_obs, 32)
     assert adata.layers["cellplm_denoised"].shape == adata.shape
-    assert (tmp_path / "cellplm_model" / "model.pt").exists()
+    assert (tmp_path / "cellplm_model" / "model.safetensors").exists()
+    assert (tmp_path / "cellplm_model" / "metadata.json").exists()

@@ -261,7 +261,7 @@ def test_ddp_two_processes_see_every_cell_once_and_agree(corpus_files, tmp_path)
     final = model.module.state_dict()
     for key, value in final.items():
         torch.testing.assert_close(value, ranks[0]["state"][key], msg=key)
-    assert (tmp_path / "model" / "model.pt").exists()
+    assert (tmp_path / "model" / "model.safetensors").exists()
 
 
 # ---------------------------------------------------------------- CLI
@@ -284,7 +284,7 @@ def test_cli_pretrain_with_yaml_config(corpus_files, tmp_path):
     }))
     out = tmp_path / "run"
     assert main(["pretrain", str(config), "--out", str(out), "--no-progress"]) == 0
-    assert (out / "model" / "model.pt").exists()
+    assert (out / "model" / "model.safetensors").exists()
     metrics = pd.read_csv(next((out / "logs").glob("version_*/metrics.csv")))
     assert metrics["train_loss_step"].notna().sum() >= 1
     # flags override the config; --resume-from last continues the run

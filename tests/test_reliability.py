@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from legacy_format import save_legacy
 
 from scvi_cellplm import (
     CellPLM,
@@ -26,6 +28,7 @@ from scvi_cellplm import (
     GeneAlignmentError,
     InputDataError,
 )
+from scvi_cellplm._constants import LEGACY_MODEL_FILE, METADATA_FILE
 from scvi_cellplm.cli import main
 
 MICRO = {"n_hidden": 16, "n_layers": 1, "n_heads": 2, "n_latent": 4, "n_clusters": 2}
@@ -111,7 +114,7 @@ def test_save_anndata_never_replaces_an_existing_adata_file(micro_model, tmp_pat
     with pytest.raises(CheckpointError, match="adata.h5ad already exists"):
         micro_model.save(folder, save_anndata=True)
     assert (folder / "adata.h5ad").read_bytes() == b"precious"
-    assert not (folder / "model.pt").exists()
+    assert sorted(os.listdir(folder)) == ["adata.h5ad"]
 
 
 # ----------------------------------------------------------------- 3. metadata and configs
@@ -163,23 +166,33 @@ def test_official_config_that_is_not_an_object_is_refused(tmp_path):
             read_official_config(str(tmp_path / "c.config.json"))
 
 
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory, pancreas_session):
+@pytest.fixture(scope="module", params=["safetensors", "legacy"])
+def saved_model(request, tmp_path_factory, pancreas_session):
+    """A saved micro model, in the current format and in the legacy ``model.pt``."""
     adata = pancreas_session[:100, :50].copy()
     CellPLM.setup_anndata(adata, layer="counts", batch_key="batch")
     folder = tmp_path_factory.mktemp("saved") / "m"
-    CellPLM(adata, **MICRO).save(folder)
+    model = CellPLM(adata, **MICRO)
+    if request.param == "legacy":
+        save_legacy(model, folder)
+    else:
+        model.save(folder)
     return folder, adata
 
 
 def _tampered(saved_model, tmp_path, edit) -> Path:
     folder, _ = saved_model
-    payload = torch.load(folder / "model.pt", weights_only=True)
-    metadata = json.loads(payload["metadata"])
-    edit(metadata)
-    payload["metadata"] = json.dumps(metadata)
-    (tmp_path / "t").mkdir()
-    torch.save(payload, tmp_path / "t" / "model.pt")
+    shutil.copytree(folder, tmp_path / "t")
+    if (folder / METADATA_FILE).exists():
+        metadata = json.loads((folder / METADATA_FILE).read_text())
+        edit(metadata)
+        (tmp_path / "t" / METADATA_FILE).write_text(json.dumps(metadata))
+    else:
+        payload = torch.load(folder / LEGACY_MODEL_FILE, weights_only=True)
+        metadata = json.loads(payload["metadata"])
+        edit(metadata)
+        payload["metadata"] = json.dumps(metadata)
+        torch.save(payload, tmp_path / "t" / LEGACY_MODEL_FILE)
     return tmp_path / "t"
 
 
@@ -212,6 +225,7 @@ def _set(path: str, value):
     (_set("decoder_batch_categories", "human1"), "decoder_batch_categories"),
     (_set("is_trained_", "yes"), "is_trained_"),
     (_set("var_names", [1, 2]), "var_names"),
+    (_set("weights_id", 7), "weights_id"),
 ])
 def test_tampered_model_metadata_is_refused_before_the_model_is_built(saved_model, tmp_path, monkeypatch,
                                                                        edit, field):

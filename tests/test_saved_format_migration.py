@@ -5,6 +5,9 @@ vocabulary contract: the module held a ``gene_index`` buffer, ``dataset_gene_mas
 space, the annotator had no ``label_categories`` argument, and the metadata stored neither the
 gene vocabulary nor the decoder's batch categories), together with the outputs that release
 computed (``expected.npz``). ``tests/data/make_old_release_models.py`` says how they were made.
+
+The last section loads ``model.pt`` files as ``save`` wrote them just before the safetensors
+format (#23), made by ``tests/legacy_format.py`` from current models.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import anndata
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
+from legacy_format import save_legacy
 
 from scvi_cellplm import CellPLM, CellPLMAnnotator, CheckpointError
 
@@ -206,3 +211,51 @@ def test_old_model_with_gene_index_saved_again_gives_the_same_outputs(tmp_path):
     imputed = again.get_normalized_expression(library_size=1e4, transform_dataset="reference",
                                               return_numpy=True)
     np.testing.assert_allclose(imputed[want["panel_rows"]], want["imputed"], atol=ATOL, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- model.pt of the format before safetensors
+@pytest.fixture
+def legacy_folder(pancreas_session, tmp_path):
+    """A CellPLM and a CellPLMAnnotator saved as ``model.pt`` exactly as ``save`` wrote it before #23."""
+    adata = pancreas_session[::10, :120].copy()
+    CellPLM.setup_anndata(adata, layer="counts", batch_key="batch")
+    model = CellPLM(adata, **TINY)
+    save_legacy(model, tmp_path / "cellplm", save_anndata=True)
+    annotator = CellPLMAnnotator.from_cellplm_model(model, labels_key="cell_type", n_head_hidden=8)
+    save_legacy(annotator, tmp_path / "annotator", save_anndata=True)
+    return tmp_path, model, annotator
+
+
+def test_model_pt_of_the_format_before_safetensors_loads_with_the_same_outputs(legacy_folder):
+    folder, model, annotator = legacy_folder
+    assert sorted(p.name for p in (folder / "cellplm").iterdir()) == ["adata.h5ad", "model.pt"]
+    loaded = CellPLM.load(str(folder / "cellplm"))
+    np.testing.assert_array_equal(loaded.get_latent_representation(), model.get_latent_representation())
+    assert list(loaded.gene_vocabulary) == list(model.gene_vocabulary)
+    assert loaded.decoder_batch_categories_ == model.decoder_batch_categories_
+    assert CellPLM.load_registry(str(folder / "cellplm"))["setup_args"]["batch_key"] == "batch"
+    ann = CellPLMAnnotator.load(str(folder / "annotator"))
+    np.testing.assert_array_equal(ann.predict(soft=True).to_numpy(), annotator.predict(soft=True).to_numpy())
+
+
+def test_model_pt_saved_again_becomes_safetensors_and_the_legacy_file_goes(legacy_folder):
+    folder, model, _ = legacy_folder
+    loaded = CellPLM.load(str(folder / "cellplm"))
+    with pytest.raises(CheckpointError, match="already exists"):
+        loaded.save(str(folder / "cellplm"))
+    loaded.save(str(folder / "cellplm"), overwrite=True)
+    assert sorted(p.name for p in (folder / "cellplm").iterdir()) == ["adata.h5ad", "metadata.json",
+                                                                      "model.safetensors"]
+    again = CellPLM.load(str(folder / "cellplm"))
+    np.testing.assert_array_equal(again.get_latent_representation(), model.get_latent_representation())
+
+
+def test_model_pt_is_found_by_load_pretrained_and_from_pretrained(legacy_folder, tmp_path):
+    from scvi_cellplm.pretrain import load_pretrained
+
+    folder, model, _ = legacy_folder
+    (tmp_path / "run").mkdir()
+    (folder / "cellplm").rename(tmp_path / "run" / "model")  # a pretraining OUT_DIR of before
+    adata = model.adata.copy()
+    for loaded in (load_pretrained(tmp_path / "run", adata), CellPLM.from_pretrained(tmp_path / "run" / "model")):
+        np.testing.assert_array_equal(loaded.get_latent_representation(adata), model.get_latent_representation())

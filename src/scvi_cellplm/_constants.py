@@ -90,8 +90,16 @@ INDICES_KEY = DATA_KEYS.INDICES_KEY
 PERTURBATION_KEY = DATA_KEYS.PERTURBATION_KEY
 TARGET_KEY = DATA_KEYS.TARGET_KEY
 
-MODEL_FILE = "model.pt"
-"""File of a saved model (state dict + JSON metadata) in the folder :meth:`CellPLM.save` writes."""
+MODEL_FILE = "model.safetensors"
+"""Weights of a saved model (safetensors: tensors only) in the folder :meth:`CellPLM.save` writes."""
+METADATA_FILE = "metadata.json"
+"""JSON metadata (class, setup, constructor arguments, gene vocabulary) next to :data:`MODEL_FILE`;
+written last, it marks a complete save."""
+LEGACY_MODEL_FILE = "model.pt"
+"""File of a model saved by earlier versions (state dict + JSON metadata in one ``torch.save``);
+still read, with ``weights_only=True``."""
+CACHE_ENV = "CELLPLM_CACHE"
+"""Environment variable naming the folder of downloaded models (default: the user cache)."""
 ADATA_FILE = "adata.h5ad"
 """File of the AnnData saved next to a model with ``save_anndata=True``."""
 UNLABELED = "unlabeled"

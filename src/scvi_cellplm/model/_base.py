@@ -28,13 +28,14 @@ from ..module.latent import LatentDistribution
 from ..module.positional import PositionalEncodingKind
 from ..train import CellPLMTrainingPlan
 from . import _saving
+from ._hub import HubMixin
 from ._inference import SentenceInferenceMixin
 from ._setup import looks_like_counts
 
 logger = logging.getLogger(__name__)
 
 
-class CellPLMBase(SentenceInferenceMixin, BaseModelClass):
+class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
     """A CellPLM backbone on registered data; :class:`~scvi_cellplm.CellPLM` documents the arguments.
 
     The heads (:class:`~scvi_cellplm.CellPLMAnnotator`, :class:`~scvi_cellplm.CellPLMPerturbation`)
@@ -308,16 +309,12 @@ class CellPLMBase(SentenceInferenceMixin, BaseModelClass):
         Parameters
         ----------
         dir_path
-            Folder written by :meth:`save`.
+            Folder written by :meth:`save` (``metadata.json`` is read, no weights; the ``model.pt``
+            of earlier versions is memory-mapped).
         prefix
             Prefix of the file names.
         """
-        import os
-
-        from .._constants import MODEL_FILE
-
-        path = os.path.join(dir_path, f"{prefix or ''}{MODEL_FILE}")
-        return _saving._decode(_saving.read_model_file(path, mmap=True)[1]["registry_"])
+        return _saving._decode(_saving.read_metadata(dir_path, prefix)["registry_"])
 
     @classmethod
     def _load_kwargs(cls, metadata: dict, registry: dict) -> dict:
@@ -332,7 +329,11 @@ class CellPLMBase(SentenceInferenceMixin, BaseModelClass):
         save_anndata: bool = False,
         **anndata_write_kwargs,
     ) -> None:
-        """Save the model to ``dir_path`` (atomically; loadable without executing pickled code).
+        """Save the model to ``dir_path``: ``model.safetensors`` (weights) and ``metadata.json``.
+
+        The files are written atomically (temporary files, then moved into place, the metadata
+        last), and safetensors holds tensors only: loading cannot execute code. The folder is also
+        what :meth:`load`, ``from_pretrained`` and scvi-hub's ``HubModel`` read.
 
         Parameters
         ----------
@@ -363,7 +364,8 @@ class CellPLMBase(SentenceInferenceMixin, BaseModelClass):
 
         ``adata`` may hold any genes (matched to the model's vocabulary by identifier) and new
         batch, sample or label categories. Set up with this class's ``setup_anndata`` first, it
-        keeps its own setup (layer, keys); otherwise it gets the saved one. The file is read with
+        keeps its own setup (layer, keys); otherwise it gets the saved one. Weights are read from
+        ``model.safetensors``, or from the ``model.pt`` of earlier versions with
         ``torch.load(weights_only=True)``; a truncated, tampered or mismatching file raises
         :class:`~scvi_cellplm.CheckpointError`.
 

@@ -16,13 +16,14 @@ from ._base import CellPLMBase
 from ._embedding import LatentMixin
 from ._expression import ExpressionMixin
 from ._official import OfficialCheckpointMixin
+from ._pretrained import PretrainedMixin
 from ._setup import LabelsField, MuDataGeneLayerField, anndata_fields, check_counts, check_obs_keys
 from ._transfer import transfer
 
 logger = logging.getLogger(__name__)
 
 
-class CellPLM(LatentMixin, ExpressionMixin, OfficialCheckpointMixin, CellPLMBase):
+class CellPLM(LatentMixin, ExpressionMixin, OfficialCheckpointMixin, PretrainedMixin, CellPLMBase):
     """CellPLM: a single-cell foundation model whose tokens are cells :cite:p:`Wen2024`.
 
     Each cell's counts are embedded through a learned gene table, cells of one *sentence* (a

@@ -76,6 +76,8 @@ def check_metadata(metadata: dict, path: str) -> None:
                     non_empty=False)
     if "is_trained_" in metadata:
         check_bool(metadata["is_trained_"], "is_trained_", where)
+    for key in ("weights_file", "weights_id"):  # metadata.json only: which weights it belongs to
+        check_str(metadata.get(key), key, where, optional=True)
     check_init_params(metadata["init_params_"], where)
     check_registry(metadata["registry_"], where)
 

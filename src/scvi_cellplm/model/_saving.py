@@ -1,21 +1,69 @@
-"""Safe, atomic model files: a state dict plus JSON metadata, read with ``weights_only=True``."""
+"""Safe, atomic model files: safetensors weights plus JSON metadata, and files of earlier versions.
+
+A saved model is ``model.safetensors`` (the module's state dict; safetensors holds tensors only,
+so reading it cannot execute code) and ``metadata.json`` (class, setup, constructor arguments, gene
+vocabulary). Both are written to temporary files first and moved into place with
+:func:`os.replace`, the metadata last: it marks a complete save, and it names the ``weights_id``
+stored in the weights' header, so weights and metadata of two different saves are never combined.
+Earlier versions wrote one ``model.pt`` (``torch.save`` of the state dict and the metadata as a
+JSON string); it is still read, with ``weights_only=True``. Both formats go through the same
+metadata checks (:func:`~scvi_cellplm.model._metadata.check_metadata`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+import uuid
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from anndata import read_h5ad
 
-from .._constants import ADATA_FILE, MODEL_FILE
+from .._constants import ADATA_FILE, LEGACY_MODEL_FILE, METADATA_FILE, MODEL_FILE
 from .._exceptions import CellPLMError, CheckpointError, InputDataError
 from ..io._safe_load import safe_torch_load
 from ._metadata import check_metadata, decode
 
 FORMAT = "scvi-cellplm/1"
+"""Format of the metadata (the same in ``metadata.json`` and in the legacy ``model.pt``)."""
+
+
+class SavedFiles(NamedTuple):
+    """Paths of the files of one saved model."""
+
+    weights: str
+    metadata: str
+    legacy: str
+
+
+def saved_files(dir_path, prefix: str | None = None) -> SavedFiles:
+    """Return the paths of the weights, metadata and legacy files of a model saved in ``dir_path``."""
+    prefix = prefix or ""
+    return SavedFiles(*(os.path.join(os.fspath(dir_path), f"{prefix}{name}")
+                        for name in (MODEL_FILE, METADATA_FILE, LEGACY_MODEL_FILE)))
+
+
+def saved_format(dir_path, prefix: str | None = None) -> str | None:
+    """Return ``"safetensors"``, ``"legacy"`` (a ``model.pt``) or ``None`` (no saved model there).
+
+    ``metadata.json`` marks a complete save in the current format; without it, a legacy
+    ``model.pt`` is the model (an interrupted save over a legacy folder leaves that one intact).
+    """
+    files = saved_files(dir_path, prefix)
+    if os.path.isfile(files.metadata):
+        return "safetensors"
+    if os.path.isfile(files.legacy):
+        return "legacy"
+    return None
+
+
+def has_saved_model(dir_path, prefix: str | None = None) -> bool:
+    """Whether ``dir_path`` holds a model written by ``save`` (current or legacy format)."""
+    return saved_format(dir_path, prefix) is not None
 
 
 def _encode(obj):
@@ -36,52 +84,92 @@ def _decode(obj):
     return decode(obj)
 
 
-def _atomic_torch_save(payload: dict, path: str) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+@contextlib.contextmanager
+def _temporary(directory: str, suffix: str):
+    """Yield the path of a new temporary file in ``directory``, removed afterwards unless moved."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
     os.close(fd)
     try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        yield tmp
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def save_model(model, dir_path: str, prefix, overwrite: bool, save_anndata: bool, **write_kwargs):
-    """Write ``model`` (and its AnnData) into ``dir_path``; nothing is replaced without ``overwrite``."""
-    prefix = prefix or ""
-    path = os.path.join(dir_path, f"{prefix}{MODEL_FILE}")
-    adata_path = os.path.join(dir_path, f"{prefix}{ADATA_FILE}")
-    for existing in (path, adata_path) if save_anndata else (path,):
-        if os.path.exists(existing) and not overwrite:
-            raise CheckpointError(f"{existing} already exists; pass `overwrite=True` to replace it.")
-    os.makedirs(dir_path, exist_ok=True)
-    if save_anndata:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".h5ad", dir=dir_path)
-        os.close(fd)
-        try:
-            model.adata.write_h5ad(tmp, **write_kwargs)
-            os.replace(tmp, adata_path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    metadata = {
-        "format": FORMAT,
-        "class": type(model).__name__,
-        "init_params_": _encode(model.init_params_),
-        "registry_": _encode(model.adata_manager.registry),
-        "is_trained_": bool(model.is_trained_),
-        "var_names": [str(v) for v in model._registered_var().index],
-        "gene_vocabulary": list(model.gene_vocabulary),
-        "decoder_batch_categories": list(model.decoder_batch_categories_),
-    }
-    payload = {"model_state_dict": model.module.state_dict(), "metadata": json.dumps(metadata)}
-    _atomic_torch_save(payload, path)
+def _publish(tmp: str, path: str) -> None:
+    """Move the finished temporary file ``tmp`` to ``path``, readable as a plain new file would be."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # temporary files are private to the owner; a saved model is shared
+    os.replace(tmp, path)
 
 
-def read_model_file(path: str, mmap: bool = False) -> tuple[dict, dict]:
-    """Read the state dict and metadata of a saved model (tensors and plain data only).
+def tensors_for_saving(state: dict) -> dict[str, torch.Tensor]:
+    """Return ``state`` as CPU tensors that safetensors can write: contiguous, none sharing memory.
+
+    Tensors that share storage (tied weights, views) are copied; loading copies values into the
+    module's own parameters, so ties of the module are unaffected.
+    """
+    out, seen = {}, set()
+    for name, value in state.items():
+        tensor = value.detach().cpu()
+        if tensor.numel():
+            storage = tensor.untyped_storage().data_ptr()
+            if storage in seen:
+                tensor = tensor.clone()
+            seen.add(tensor.untyped_storage().data_ptr())
+        out[name] = tensor.contiguous()
+    return out
+
+
+def write_weights(state: dict, path: str, header: dict[str, str]) -> None:
+    """Write ``state`` as a safetensors file with string ``header`` metadata (not atomic)."""
+    import safetensors.torch
+
+    safetensors.torch.save_file(tensors_for_saving(state), path, metadata=header)
+
+
+def read_weights(path: str, weights_id: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors state dict; with ``weights_id``, check it is the one the metadata names."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"No weights at {path}: the saved model is incomplete (its metadata is there); "
+                              "copy the whole folder, or save the model again.")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as fh:
+            found = (fh.metadata() or {}).get("weights_id")
+            if weights_id is not None and found != weights_id:
+                raise CheckpointError(
+                    f"{path} and its {METADATA_FILE} come from different saves (weights {found}, metadata "
+                    f"{weights_id}): a save was interrupted, or files were mixed. Save the model again.")
+            return {name: fh.get_tensor(name) for name in fh.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        if isinstance(err, CellPLMError):
+            raise
+        raise CheckpointError(f"{path} is truncated or corrupted and cannot be read: {err}") from err
+
+
+def _check_format(metadata, path: str) -> dict:
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        found = metadata.get("format") if isinstance(metadata, dict) else type(metadata).__name__
+        raise CheckpointError(f"{path} has format {found!r}, expected {FORMAT}.")
+    check_metadata(metadata, path)
+    return metadata
+
+
+def read_json_metadata(path: str) -> dict:
+    """Read and check ``metadata.json`` (no tensor is read)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            metadata = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{path} is not readable JSON metadata of a saved model: {err}") from err
+    return _check_format(metadata, path)
+
+
+def read_legacy_file(path: str, mmap: bool = False) -> tuple[dict, dict]:
+    """Read the state dict and metadata of a legacy ``model.pt`` (tensors and plain data only).
 
     With ``mmap`` the tensors are mapped, not read: reading only the metadata is cheap.
     """
@@ -92,14 +180,84 @@ def read_model_file(path: str, mmap: bool = False) -> tuple[dict, dict]:
         metadata = json.loads(payload["metadata"])
     except (TypeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path} has unreadable metadata: {err}") from err
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        found = metadata.get("format") if isinstance(metadata, dict) else type(metadata).__name__
-        raise CheckpointError(f"{path} has format {found!r}, expected {FORMAT}.")
-    check_metadata(metadata, path)
+    _check_format(metadata, path)
     state = payload["model_state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise CheckpointError(f"{path}: 'model_state_dict' is not a mapping of names to tensors.")
     return state, metadata
+
+
+def _missing(dir_path, prefix: str | None) -> CheckpointError:
+    files = saved_files(dir_path, prefix)
+    if os.path.isfile(files.weights):
+        return CheckpointError(f"{dir_path} has {MODEL_FILE} but no {METADATA_FILE}: the save was interrupted "
+                               "or the folder copied in part. Save the model again.")
+    return CheckpointError(f"No saved model in {dir_path}: expected {METADATA_FILE} + {MODEL_FILE} (or the "
+                           f"{LEGACY_MODEL_FILE} of earlier versions), as written by `save`.")
+
+
+def read_metadata(dir_path, prefix: str | None = None) -> dict:
+    """Return the checked metadata of a saved model; the current format reads no tensor at all."""
+    files = saved_files(dir_path, prefix)
+    kind = saved_format(dir_path, prefix)
+    if kind == "safetensors":
+        return read_json_metadata(files.metadata)
+    if kind == "legacy":
+        return read_legacy_file(files.legacy, mmap=True)[1]
+    raise _missing(dir_path, prefix)
+
+
+def read_saved(dir_path, prefix: str | None = None) -> tuple[dict, dict]:
+    """Return the state dict and checked metadata of a saved model (either format)."""
+    files = saved_files(dir_path, prefix)
+    kind = saved_format(dir_path, prefix)
+    if kind == "safetensors":
+        metadata = read_json_metadata(files.metadata)
+        return read_weights(files.weights, metadata.get("weights_id")), metadata
+    if kind == "legacy":
+        return read_legacy_file(files.legacy)
+    raise _missing(dir_path, prefix)
+
+
+def save_model(model, dir_path: str, prefix, overwrite: bool, save_anndata: bool, **write_kwargs):
+    """Write ``model`` (and its AnnData) into ``dir_path``; nothing is replaced without ``overwrite``.
+
+    The weights and metadata are written to temporary files first; an error or interruption while
+    writing leaves the previous files as they were. A legacy ``model.pt`` of the same prefix is
+    removed once the new files are in place (with ``overwrite``).
+    """
+    dir_path = os.fspath(dir_path)
+    files = saved_files(dir_path, prefix)
+    adata_path = os.path.join(dir_path, f"{prefix or ''}{ADATA_FILE}")
+    for existing in (*files, adata_path) if save_anndata else files:
+        if os.path.exists(existing) and not overwrite:
+            raise CheckpointError(f"{existing} already exists; pass `overwrite=True` to replace it.")
+    os.makedirs(dir_path, exist_ok=True)
+    weights_id = uuid.uuid4().hex
+    metadata = {
+        "format": FORMAT,
+        "class": type(model).__name__,
+        "init_params_": _encode(model.init_params_),
+        "registry_": _encode(model.adata_manager.registry),
+        "is_trained_": bool(model.is_trained_),
+        "var_names": [str(v) for v in model._registered_var().index],
+        "gene_vocabulary": list(model.gene_vocabulary),
+        "decoder_batch_categories": list(model.decoder_batch_categories_),
+        "weights_file": os.path.basename(files.weights),
+        "weights_id": weights_id,
+    }
+    with _temporary(dir_path, ".safetensors") as tmp_weights, _temporary(dir_path, ".json") as tmp_metadata:
+        write_weights(model.module.state_dict(), tmp_weights, {"format": FORMAT, "weights_id": weights_id})
+        with open(tmp_metadata, "w", encoding="utf-8") as fh:
+            json.dump(metadata, fh)
+        if save_anndata:
+            with _temporary(dir_path, ".h5ad") as tmp:
+                model.adata.write_h5ad(tmp, **write_kwargs)
+                _publish(tmp, adata_path)
+        _publish(tmp_weights, files.weights)
+        _publish(tmp_metadata, files.metadata)  # last: the save is complete
+    if os.path.exists(files.legacy):
+        os.remove(files.legacy)
 
 
 def init_kwargs(metadata: dict) -> dict:
@@ -168,7 +326,7 @@ def load_model(cls, dir_path, adata, accelerator, device, prefix, overrides: dic
     from ._transfer import backbone_prefix, copy_backbone, table_sizes
 
     prefix = prefix or ""
-    state, metadata = read_model_file(os.path.join(dir_path, f"{prefix}{MODEL_FILE}"))
+    state, metadata = read_saved(dir_path, prefix)
     if metadata["class"] != cls.__name__:
         raise CheckpointError(f"The file holds a {metadata['class']}, not a {cls.__name__}.")
     if adata is None:

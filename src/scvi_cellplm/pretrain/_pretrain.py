@@ -16,7 +16,7 @@ import torch
 from anndata import AnnData
 from scipy import sparse
 
-from .._constants import DATA_KEYS, MODEL_FILE, REGISTRY_KEYS
+from .._constants import DATA_KEYS, REGISTRY_KEYS
 from .._exceptions import CheckpointError, InputDataError
 from .._presets import PRESETS
 from ..io._genes import Species
@@ -327,11 +327,12 @@ def load_pretrained(dir_path: str | os.PathLike, adata: AnnData, **kwargs):
         Replace keyword arguments of the pretrained model (e.g. ``max_cells_per_batch``).
     """
     from ..model import CellPLM
+    from ..model._saving import has_saved_model
 
     path = Path(dir_path)
-    if (path / MODEL_DIR / MODEL_FILE).exists():
+    if has_saved_model(path / MODEL_DIR):
         path = path / MODEL_DIR
-    if not (path / MODEL_FILE).exists():
+    if not has_saved_model(path):
         raise CheckpointError(
             f"No pretrained weights in {dir_path}: pass the OUT_DIR of `pretrain` or its `{MODEL_DIR}` folder."
         )
