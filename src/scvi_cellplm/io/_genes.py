@@ -187,10 +187,20 @@ def align_genes(gene_ids, vocabulary, *, species: Species = "auto") -> GeneAlign
             f"Low gene overlap with the model vocabulary: {result.summary()}. Vocabulary genes "
             "the data lacks are unmeasured (they enter neither the embedding nor the loss).",
             UserWarning,
-            stacklevel=2,
+            stacklevel=_user_stacklevel(),
         )
     logger.info("Gene alignment: %s.", result.summary())
     return result
+
+
+def _user_stacklevel() -> int:
+    """Return the stack level of the first caller outside this package (warnings point there)."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("scvi_cellplm"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _vocabulary_ensembl_ids(vocab_pos: dict[str, int], species: Species) -> dict[str, int]:
