@@ -92,8 +92,8 @@ class ExpressionMixin:
             gen_inputs["decode_dataset_index"] = (
                 None if dataset_code is None else torch.full_like(dataset, dataset_code))
             acc = 0.0
-            for codes in decode_batches(tensors[REGISTRY_KEYS.BATCH_KEY]):
-                gen_inputs[MODULE_KEYS.BATCH_INDEX_KEY] = codes
+            for decoder_batch in decode_batches:
+                gen_inputs[MODULE_KEYS.BATCH_INDEX_KEY] = decoder_batch(tensors[REGISTRY_KEYS.BATCH_KEY])
                 gen = module.generative(**gen_inputs)
                 if module.gene_likelihood == "gaussian":
                     acc = acc + gen[MODULE_KEYS.PX_SCALE_KEY]  # predictions on the data's scale
@@ -109,32 +109,41 @@ class ExpressionMixin:
         obs_names = adata.obs_names if indices is None else adata.obs_names[indices]
         return pd.DataFrame(out, index=obs_names, columns=var_names[genes])
 
-    def _decoder_batches(self, manager: AnnDataManager, transform_batch):
-        """Map a mini-batch's registered batch codes to the decoder's batch codes.
+    def _decoder_batches(self, manager: AnnDataManager, transform_batch) -> list:
+        """Return one function per decoding pass: a mini-batch's batch codes -> the decoder's.
 
-        With ``transform_batch`` (category names), one code tensor per category; else each
-        cell's own batch, matched to the decoder's categories by name (one code tensor). A batch
-        the decoder was not trained on asks for ``transform_batch``. Models without a batch input
-        to the decoder get ``[None]``.
+        With ``transform_batch`` (category names), one pass per category; else one pass with each
+        cell's own batch, matched to the decoder's categories by name (a batch the decoder was not
+        trained on asks for ``transform_batch``). Models without a batch input to the decoder get
+        one pass with ``None``.
         """
         known = self.decoder_batch_categories_
         if not self.batch_in_decoder:
             if transform_batch is not None:
                 raise InputDataError("This model's decoder reads no batch: drop `transform_batch`.")
-            return _Decode([None])
+            return [lambda batch: None]
         if transform_batch is not None:
             wanted = [str(b) for b in np.atleast_1d(transform_batch)]
             unknown = [b for b in wanted if b not in known]
             if unknown:
                 raise InputDataError(f"`transform_batch` names batches the model was not trained on: "
                                      f"{unknown[:5]}; known: {known[:10]}.")
-            return _Decode([known.index(b) for b in wanted], constant=True)
-        mapping = manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
-        lookup = torch.as_tensor([known.index(str(c)) if str(c) in known else -1 for c in mapping])
-        if bool((lookup < 0).any()):
-            new = [str(c) for c, code in zip(mapping, lookup.tolist()) if code < 0]
-            return _Decode(lookup, unknown=new, known=known)
-        return _Decode(lookup)
+            codes = [known.index(b) for b in wanted]
+            return [lambda batch, code=code: torch.full_like(batch.view(-1, 1), code) for code in codes]
+        mapping = [str(c) for c in manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping]
+        lookup = torch.as_tensor([known.index(c) if c in known else -1 for c in mapping])
+        new = [c for c, code in zip(mapping, lookup.tolist()) if code < 0]
+
+        def own(batch: torch.Tensor) -> torch.Tensor:
+            codes = lookup.to(batch.device)[batch.view(-1).long()].view(-1, 1)
+            if bool((codes < 0).any()):
+                raise InputDataError(
+                    f"Some cells belong to batches the model was not trained on ({new[:5]}); decode "
+                    f"them as known batches with `transform_batch=[...]` (e.g. {known[:3]})."
+                )
+            return codes
+
+        return [own]
 
     def impute(
         self,
@@ -176,26 +185,3 @@ class ExpressionMixin:
         adata.layers[key_added] = self.get_normalized_expression(
             adata, library_size=library_size, return_numpy=True, transform_batch=transform_batch
         )
-
-
-class _Decode:
-    """The decoder batch codes of a mini-batch (see ``CellPLM._decoder_batches``)."""
-
-    def __init__(self, codes, constant: bool = False, unknown=(), known=()) -> None:
-        self.codes, self.constant, self.unknown, self.known = codes, constant, list(unknown), list(known)
-
-    def __len__(self) -> int:
-        return len(self.codes) if self.constant or isinstance(self.codes, list) else 1
-
-    def __call__(self, batch: torch.Tensor) -> list:
-        if isinstance(self.codes, list) and not self.constant:  # [None]: no batch input
-            return self.codes
-        if self.constant:
-            return [torch.full_like(batch.view(-1, 1), code) for code in self.codes]
-        codes = self.codes.to(batch.device)[batch.view(-1).long()].view(-1, 1)
-        if bool((codes < 0).any()):
-            raise InputDataError(
-                f"Some cells belong to batches the model was not trained on ({self.unknown[:5]}); "
-                f"decode them as known batches with `transform_batch=[...]` (e.g. {self.known[:3]})."
-            )
-        return [codes]
