@@ -50,6 +50,23 @@ def small_pancreas(pancreas_session):
     return pancreas_session[np.sort(cells)][:, np.sort(genes)].copy()
 
 
+@pytest.fixture(scope="session")
+def vocabulary():
+    """The 19,374 Ensembl ids of the official CellPLM checkpoint (``../shared/data/official``)."""
+    import json
+
+    return json.loads(shared_file("official/cellplm_20230926_85M.config.json").read_text())["gene_list"]
+
+
+@pytest.fixture
+def ensembl_pancreas(pancreas, vocabulary):
+    """The bundled pancreas with Ensembl ids as var_names, restricted to the vocabulary."""
+    keep = pancreas.var["gene_ids"].isin(vocabulary).to_numpy()
+    adata = pancreas[:, keep].copy()
+    adata.var_names = adata.var["gene_ids"].astype(str).to_numpy()
+    return adata
+
+
 TINY = {"n_hidden": 32, "n_layers": 1, "n_heads": 2, "n_latent": 8, "n_clusters": 4}
 """A tiny architecture for fast tests."""
 

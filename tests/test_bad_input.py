@@ -249,12 +249,10 @@ def test_interrupted_save_leaves_the_previous_model(trained_small, small_pancrea
     CellPLM.load(tmp_path / "m", adata=small_pancreas)
 
 
-def test_save_interrupted_between_weights_and_metadata_is_refused_not_mixed(trained_small, small_pancreas,
-                                                                            tmp_path, monkeypatch):
-    """The only window left: new weights in place, old metadata still there (power cut, kill -9)."""
+def _kill_before_the_metadata(monkeypatch) -> None:
+    """Make the next save stop after the weights are in place, before the metadata is."""
     from scvi_cellplm.model import _saving
 
-    trained_small.save(tmp_path / "m")
     publish = _saving._publish
 
     def killed_before_the_metadata(tmp, path):
@@ -263,6 +261,14 @@ def test_save_interrupted_between_weights_and_metadata_is_refused_not_mixed(trai
         publish(tmp, path)
 
     monkeypatch.setattr(_saving, "_publish", killed_before_the_metadata)
+
+
+def test_save_interrupted_between_weights_and_metadata_is_refused_not_mixed(trained_small, small_pancreas,
+                                                                            tmp_path, monkeypatch):
+    """The only window left: new weights in place, old metadata still there (power cut, kill -9)."""
+
+    trained_small.save(tmp_path / "m")
+    _kill_before_the_metadata(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         trained_small.save(tmp_path / "m", overwrite=True)
     monkeypatch.undo()
@@ -273,17 +279,9 @@ def test_save_interrupted_between_weights_and_metadata_is_refused_not_mixed(trai
 
 def test_interrupted_save_over_a_legacy_model_leaves_the_legacy_model(trained_small, small_pancreas, tmp_path,
                                                                       monkeypatch):
-    from scvi_cellplm.model import _saving
 
     save_legacy(trained_small, tmp_path / "m")
-    publish = _saving._publish
-
-    def killed_before_the_metadata(tmp, path):
-        if path.endswith(METADATA_FILE):
-            raise KeyboardInterrupt
-        publish(tmp, path)
-
-    monkeypatch.setattr(_saving, "_publish", killed_before_the_metadata)
+    _kill_before_the_metadata(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         CellPLM(small_pancreas, **TINY).save(tmp_path / "m", overwrite=True)  # another model
     monkeypatch.undo()

@@ -57,22 +57,8 @@ MAX_DTOH_PER_STEP = 16
 
 # ----------------------------------------------------------------- fixtures and helpers
 @pytest.fixture(scope="module")
-def vocabulary():
-    return json.loads(shared_file("official/cellplm_20230926_85M.config.json").read_text())["gene_list"]
-
-
-@pytest.fixture(scope="module")
 def paper_config():
     return json.loads(shared_file("official/cellplm_20230926_85M.config.json").read_text())
-
-
-@pytest.fixture
-def ensembl_pancreas(pancreas, vocabulary):
-    """The bundled pancreas with Ensembl ids as var_names, restricted to the vocabulary."""
-    keep = pancreas.var["gene_ids"].isin(vocabulary).to_numpy()
-    adata = pancreas[:, keep].copy()
-    adata.var_names = adata.var["gene_ids"].astype(str).to_numpy()
-    return adata
 
 
 @pytest.fixture(autouse=True)

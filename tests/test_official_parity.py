@@ -27,20 +27,6 @@ from scvi_cellplm.io._official import config_to_kwargs, read_official_weights
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def vocabulary():
-    return json.loads(shared_file("official/cellplm_20230926_85M.config.json").read_text())["gene_list"]
-
-
-@pytest.fixture
-def ensembl_pancreas(pancreas, vocabulary):
-    """The bundled pancreas with Ensembl ids as var_names, restricted to the vocabulary."""
-    keep = pancreas.var["gene_ids"].isin(vocabulary).to_numpy()
-    adata = pancreas[:, keep].copy()
-    adata.var_names = adata.var["gene_ids"].astype(str).to_numpy()
-    return adata
-
-
 def _ours(prefix, adata, **kwargs):
     adata = adata.copy()
     CellPLM.setup_anndata(adata, layer="counts", batch_key="batch")
