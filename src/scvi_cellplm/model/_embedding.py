@@ -10,6 +10,7 @@ import torch
 
 from .._constants import MODULE_KEYS, SLOTS
 from .._exceptions import InputDataError
+from ._transfer import backbone_of
 
 
 class LatentMixin:
@@ -21,7 +22,7 @@ class LatentMixin:
     """
 
     def _latent_module(self):
-        return getattr(self.module, "backbone", self.module)
+        return backbone_of(self.module)
 
     def get_latent_representation(
         self,
