@@ -1,8 +1,9 @@
-"""An on-disk pretraining corpus: many AnnData files, one Ensembl gene vocabulary, lazy reads.
+"""An on-disk pretraining corpus: many datasets, one Ensembl gene vocabulary, lazy reads.
 
 Only gene ids and a few obs columns are read up front; counts stay on disk and are read per
-sentence from backed ``.h5ad`` files (row ranges of the CSR arrays, with h5py), so memory is bounded
-by the mini-batch, not by the corpus.
+sentence through one row reader per dataset (``.h5ad`` with h5py, zarr AnnData stores and annbatch
+collections with zarr, TileDB-SOMA experiments; see ``_readers.py`` and ``_soma.py``), so memory is
+bounded by the mini-batch, not by the corpus.
 """
 
 from __future__ import annotations
@@ -10,113 +11,37 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from anndata import AnnData
 from scipy import sparse
 
 from .._exceptions import InputDataError
 from ..io._genes import Species, is_ensembl, strip_version, symbols_to_ensembl
+from ._readers import as_sources
 
 logger = logging.getLogger(__name__)
 
-READ_GAP = 1 << 16
-"""Row runs of a file closer than this many stored entries are read in one h5py call."""
-
-
 @dataclass
 class _Dataset:
-    """One AnnData of the corpus: where its counts are and how its genes map to the vocabulary."""
+    """One dataset of the corpus: its source, its row reader and how its genes map to the vocabulary."""
 
     name: str
     n_obs: int
-    path: str | None  # backed .h5ad, read lazily per process
-    adata: AnnData | None  # in-memory AnnData
-    layer: str | None
-    column_map: np.ndarray  # vocabulary row of each of the file's genes, -1 if none
+    source: object  # a source of _readers.py or _soma.py (metadata, description)
+    reader: object  # its row reader: read(rows, n_cols) -> CSR over the dataset's genes
+    column_map: np.ndarray  # vocabulary row of each of the dataset's genes, -1 if none
 
-
-class _H5Rows:
-    """Rows of a CSR (or dense) matrix stored in an ``.h5ad`` file, opened lazily per process."""
-
-    def __init__(self, path: str, layer: str | None) -> None:
-        self.path, self.key = path, "X" if layer is None else f"layers/{layer}"
-        self._pid, self._file, self._indptr = None, None, None
-
-    def __getstate__(self) -> dict:  # h5py handles never cross processes
-        return {"path": self.path, "key": self.key, "_pid": None, "_file": None, "_indptr": None}
-
-    def _open(self):
-        if self._pid != os.getpid():
-            import h5py
-
-            self._file = h5py.File(self.path, "r")
-            self._pid = os.getpid()
-            elem = self._file[self.key]
-            if isinstance(elem, h5py.Group):
-                kind = elem.attrs.get("encoding-type", "")
-                if kind != "csr_matrix":
-                    raise InputDataError(
-                        f"{self.path}: {self.key} is stored as {kind or 'an unknown group'}; streaming "
-                        "reads rows, so store it as CSR: `adata.X = scipy.sparse.csr_matrix(adata.X)` "
-                        "and write the file again."
-                    )
-                self._indptr = elem["indptr"][:].astype(np.int64)
-        return self._file[self.key]
-
-    def read(self, rows: np.ndarray, n_cols: int) -> sparse.csr_matrix:
-        """``rows`` (sorted, unique) as a CSR matrix; an unreadable file is an InputDataError naming it."""
-        try:
-            return self._read(rows, n_cols)
-        except (OSError, KeyError) as err:
-            raise InputDataError(
-                f"{self.path}: cannot read its {self.key} (truncated or corrupted file?): {err}. "
-                "Write the file again or leave it out of the corpus."
-            ) from err
-
-    def _read(self, rows: np.ndarray, n_cols: int) -> sparse.csr_matrix:
-        elem = self._open()
-        if self._indptr is None:  # dense on disk
-            return sparse.csr_matrix(np.asarray(elem[rows], dtype=np.float32))
-        indptr = self._indptr
-        starts, stops = indptr[rows], indptr[rows + 1]
-        lengths = stops - starts
-        # group rows into blocks whose stored entries are close, one h5py read per block
-        cut = np.flatnonzero(starts[1:] - stops[:-1] > READ_GAP) + 1
-        data, indices = [], []
-        for block in np.split(np.arange(len(rows)), cut):
-            if not len(block):
-                continue
-            lo, hi = int(starts[block[0]]), int(stops[block[-1]])
-            d = elem["data"][lo:hi]
-            i = elem["indices"][lo:hi]
-            take = _ranges(starts[block] - lo, lengths[block])
-            data.append(d[take])
-            indices.append(i[take])
-        out_indptr = np.concatenate([[0], np.cumsum(lengths)])
-        data = np.concatenate(data) if data else np.zeros(0, np.float32)
-        indices = np.concatenate(indices) if indices else np.zeros(0, np.int64)
-        return sparse.csr_matrix(
-            (data.astype(np.float32, copy=False), indices, out_indptr), shape=(len(rows), n_cols)
-        )
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenated ``arange(s, s + n)`` for each start and length (vectorised)."""
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-    return np.arange(total, dtype=np.int64) + offsets
+    @property
+    def path(self) -> str | None:
+        """File, store or URI of the dataset (``None`` in memory)."""
+        return self.source.path
 
 
 class Corpus:
-    """Pretraining corpus over many AnnData files with different gene panels.
+    """Pretraining corpus over many datasets (files, stores, experiments) with different gene panels.
 
     Genes are unified into one vocabulary by Ensembl id (versions stripped; symbols mapped offline
     to Ensembl; genes with no Ensembl id are left out). Each dataset (file) records which
@@ -129,16 +54,19 @@ class Corpus:
     Parameters
     ----------
     data
-        ``.h5ad`` paths (read backed, lazily), AnnData objects (in memory or backed), a
-        :class:`~mudata.MuData` (its ``modality``), an :class:`~anndata.experimental.AnnCollection`
-        (each of its AnnData, with its own full gene panel), or a list mixing them. Every entry is one
-        dataset.
+        ``.h5ad`` paths (read backed, lazily), zarr AnnData stores (``adata.write_zarr``) and
+        annbatch collections (paths of directories, read with zarr), AnnData objects (in memory or
+        backed), a :class:`~mudata.MuData` (its ``modality``), an
+        :class:`~anndata.experimental.AnnCollection` (each of its AnnData, with its own full gene
+        panel), a :class:`~scvi_cellplm.pretrain.SomaSource` (cells of a TileDB-SOMA experiment; see
+        :meth:`from_soma`), or a list mixing them. Every entry is one dataset.
     max_cells
         Cell budget of a sentence (use the training mini-batch budget).
     layer
-        Layer with raw counts (default ``.X``), the same in every dataset.
+        Layer with raw counts (default ``.X``), the same in every AnnData dataset (a
+        :class:`~scvi_cellplm.pretrain.SomaSource` has its own).
     gene_id_key
-        Column of ``.var`` with gene ids (default: ``var_names``).
+        Column of ``.var`` with gene ids (default: ``var_names``; a SOMA source has its own).
     batch_key
         Column of ``.obs`` with the batch of each cell (default: one batch per dataset).
     sample_key
@@ -187,9 +115,9 @@ class Corpus:
     ) -> None:
         if max_cells < 1:
             raise InputDataError(f"`max_cells` must be positive, got {max_cells}.")
-        entries = _expand(data, modality)
+        entries = as_sources(data, modality)
         if not entries:
-            raise InputDataError("The corpus is empty: pass .h5ad paths or AnnData objects.")
+            raise InputDataError("The corpus is empty: pass .h5ad or zarr paths, AnnData objects or SOMA sources.")
         names = list(names) if names is not None else _default_names(entries)
         if len(names) != len(entries) or len(set(names)) != len(names):
             raise InputDataError(f"Need one unique name per dataset; got {names}.")
@@ -198,8 +126,8 @@ class Corpus:
                      "sample_key": sample_key, "platform_key": platform_key}
 
         # gene ids and obs columns only: counts stay on disk
-        metas = [_read_meta(e, layer, gene_id_key, batch_key, sample_key or batch_key, platform_key)
-                 for e in entries]
+        obs_keys = {"batch": batch_key, "sample": sample_key or batch_key, "platform": platform_key}
+        metas = [e.meta(layer, gene_id_key, obs_keys) for e in entries]
         ids = [_ensembl_ids(m["gene_ids"], species) for m in metas]
         if gene_vocabulary is None:
             self.vocabulary = sorted({g for gene_ids in ids for g in gene_ids if g})
@@ -222,9 +150,7 @@ class Corpus:
                         name, meta["n_obs"], n_kept, len(column_map))
             if n_kept == 0:
                 raise InputDataError(f"Dataset {name!r} has no gene in the vocabulary.")
-            path = entry if isinstance(entry, str) else None
-            self.datasets.append(_Dataset(name, meta["n_obs"], path,
-                                          None if path else entry, layer, column_map))
+            self.datasets.append(_Dataset(name, meta["n_obs"], entry, entry.reader(layer), column_map))
         self.dataset_names = list(names)
         self.offsets = np.concatenate([[0], np.cumsum([m["n_obs"] for m in metas])]).astype(np.int64)
 
@@ -255,8 +181,62 @@ class Corpus:
         self.sentence_sizes = np.asarray([len(r) for r in sent_rows], dtype=np.int64)
         self.sentence_starts = np.concatenate([[0], np.cumsum(self.sentence_sizes)]).astype(np.int64)
         self.sentence_rows = np.concatenate(sent_rows).astype(np.int64)
-        self._readers: dict[int, _H5Rows] = {}
         logger.info(self.summary())
+
+    @classmethod
+    def from_soma(
+        cls,
+        uri: str,
+        max_cells: int,
+        *,
+        obs_value_filter: str | None = None,
+        measurement: str = "RNA",
+        layer: str = "raw",
+        gene_id_key: str = "feature_id",
+        name: str | None = None,
+        context=None,
+        **kwargs,
+    ) -> Corpus:
+        """Build a corpus from the cells of a TileDB-SOMA experiment (the CELLxGENE Census layout).
+
+        Only ``obs`` (filtered) and ``ms[measurement].var`` are read here; the counts of each
+        sentence are read from ``ms[measurement].X[layer]`` when it is trained on. Needs
+        ``tiledbsoma`` (``pip install scvi-cellplm[corpus]``).
+
+        Parameters
+        ----------
+        uri
+            URI of the experiment.
+        max_cells
+            Cell budget of a sentence (use the training mini-batch budget).
+        obs_value_filter
+            SOMA value filter on ``obs``, e.g. ``"tissue == 'pancreas'"``.
+        measurement, layer
+            Where the raw counts are: ``ms[measurement].X[layer]`` (Census: ``"RNA"``, ``"raw"``).
+        gene_id_key
+            Column of ``ms[measurement].var`` with gene ids (Census: ``"feature_id"``).
+        name
+            Dataset name (default: the experiment's folder name).
+        context
+            A ``tiledbsoma.SOMATileDBContext`` (e.g. for object-store credentials).
+        **kwargs
+            Other arguments of :class:`Corpus`: ``batch_key``, ``sample_key`` and ``platform_key``
+            name obs columns; ``gene_vocabulary``, ``species``, ``seed``.
+
+        Returns
+        -------
+        The corpus, one dataset.
+
+        Examples
+        --------
+        >>> corpus = Corpus.from_soma("census/homo_sapiens", 512, obs_value_filter="tissue == 'pancreas'",
+        ...                           sample_key="donor_id", batch_key="dataset_id")
+        """
+        from ._soma import SomaSource
+
+        source = SomaSource(uri, obs_value_filter=obs_value_filter, measurement=measurement, layer=layer,
+                            gene_id_key=gene_id_key, name=name, context=context)
+        return cls([source], max_cells, **kwargs)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -297,7 +277,7 @@ class Corpus:
             "n_cells": self.n_cells,
             "vocabulary": list(self.vocabulary),
             "datasets": [
-                {"name": d.name, "path": d.path, "n_obs": d.n_obs,
+                {"name": d.name, **d.source.describe(), "n_obs": d.n_obs,
                  "n_genes_measured": int(self.gene_mask[i].sum())}
                 for i, d in enumerate(self.datasets)
             ],
@@ -322,21 +302,7 @@ class Corpus:
         measure are absent (zero), see :attr:`gene_mask`.
         """
         ds = self.datasets[dataset]
-        n_file = len(ds.column_map)
-        if ds.path is not None:
-            reader = self._readers.get(dataset)
-            if reader is None:
-                reader = self._readers[dataset] = _H5Rows(ds.path, ds.layer)
-            x = reader.read(rows, n_file)
-        else:
-            x = ds.adata.X if ds.layer is None else ds.adata.layers[ds.layer]
-            x = sparse.csr_matrix(x[rows], dtype=np.float32)
-        return _to_vocabulary(x, ds.column_map, self.n_genes)
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_readers"] = {}
-        return state
+        return _to_vocabulary(ds.reader.read(rows, len(ds.column_map)), ds.column_map, self.n_genes)
 
 
 def _to_vocabulary(x: sparse.csr_matrix, column_map: np.ndarray, n_genes: int) -> sparse.csr_matrix:
@@ -361,92 +327,11 @@ def _windows(members: np.ndarray, max_cells: int, key: tuple[int, ...]) -> list[
     return [np.sort(w) for w in np.array_split(shuffled, n_windows)]
 
 
-def _expand(data, modality: str) -> list:
-    """Flatten the inputs to a list of ``.h5ad`` paths and AnnData objects."""
-    from mudata import MuData
-
-    if isinstance(data, str | os.PathLike | AnnData | MuData) or _is_collection(data):
-        data = [data]
-    out = []
-    for item in data:
-        if isinstance(item, str | os.PathLike):
-            path = str(item)
-            if not os.path.exists(path):
-                raise InputDataError(f"No such file: {path}")
-            out.append(path)
-        elif isinstance(item, MuData):
-            if modality not in item.mod:
-                raise InputDataError(f"Modality {modality!r} not in the MuData ({list(item.mod)}).")
-            out.append(item.mod[modality])
-        elif _is_collection(item):
-            out.extend(item.adatas)
-        elif isinstance(item, AnnData):
-            out.append(str(item.filename) if item.isbacked else item)
-        else:
-            raise InputDataError(f"Cannot read {type(item).__name__} as a corpus dataset.")
-    return out
-
-
-def _is_collection(item) -> bool:
-    return type(item).__name__ == "AnnCollection" and hasattr(item, "adatas")
-
-
 def _default_names(entries: list) -> list[str]:
-    names = [Path(e).name.removesuffix(".h5ad") if isinstance(e, str) else f"dataset{i}"
-             for i, e in enumerate(entries)]
+    names = [e.default_name or f"dataset{i}" for i, e in enumerate(entries)]
     if len(set(names)) != len(names):  # same stems in different folders
         names = [f"{i}:{n}" for i, n in enumerate(names)]
     return names
-
-
-def _read_meta(entry, layer, gene_id_key, batch_key, sample_key, platform_key) -> dict:
-    """Read the number of cells, gene ids and the requested obs columns, without reading counts."""
-    keys = {"batch": batch_key, "sample": sample_key, "platform": platform_key}
-    if isinstance(entry, AnnData):
-        var, obs, n_obs = entry.var, entry.obs, entry.n_obs
-        if layer is not None and layer not in entry.layers:
-            raise InputDataError(f"`layer={layer!r}` is not in the AnnData's layers ({list(entry.layers)}).")
-        columns = {}
-        for name, key in keys.items():
-            if key is not None and key not in obs:
-                raise InputDataError(f"`{name}_key={key!r}` is not a column of obs ({list(obs.columns)}).")
-            columns[name] = None if key is None else _factorize(obs[key])
-    else:
-        try:
-            var, obs_columns, n_obs = _read_file_meta(entry, layer, keys)
-        except (OSError, KeyError) as err:
-            raise InputDataError(
-                f"{entry}: not a readable .h5ad file (truncated or corrupted?): {err}. Write the "
-                "file again or leave it out of the corpus."
-            ) from err
-        columns = {name: None if col is None else _factorize(col) for name, col in obs_columns.items()}
-    if gene_id_key is not None and gene_id_key not in var:
-        raise InputDataError(f"`gene_id_key={gene_id_key!r}` is not a column of var ({list(var.columns)}).")
-    gene_ids = var.index if gene_id_key is None else var[gene_id_key]
-    for name, col in columns.items():
-        if col is not None and (col[0] < 0).any():
-            raise InputDataError(f"The {name} column has missing values; fill them first.")
-    return {"n_obs": n_obs, "gene_ids": [str(g) for g in gene_ids], **columns}
-
-
-def _read_file_meta(path: str, layer, keys: dict) -> tuple:
-    """Return ``(var, obs columns, n_obs)`` of an ``.h5ad`` file (h5py errors propagate)."""
-    import h5py
-    from anndata.io import read_elem
-
-    with h5py.File(path, "r") as f:
-        var = read_elem(f["var"])
-        obs_group = f["obs"]
-        n_obs = int(obs_group[obs_group.attrs["_index"]].shape[0])
-        where = "X" if layer is None else f"layers/{layer}"
-        if where not in f:
-            raise InputDataError(f"{path}: no {where} in the file.")
-        columns = {}
-        for name, key in keys.items():
-            if key is not None and key not in obs_group:
-                raise InputDataError(f"{path}: `{name}_key={key!r}` is not a column of obs ({list(obs_group)}).")
-            columns[name] = None if key is None else read_elem(obs_group[key])
-    return var, columns, n_obs
 
 
 def _ensembl_ids(gene_ids: list[str], species: Species) -> list[str]:
@@ -457,12 +342,6 @@ def _ensembl_ids(gene_ids: list[str], species: Species) -> list[str]:
         for i, g in zip(todo, symbols_to_ensembl([gene_ids[i] for i in todo], species=species)):
             out[i] = g
     return out
-
-
-def _factorize(column) -> tuple[np.ndarray, np.ndarray]:
-    """Integer codes (-1 for missing) and the values they stand for, without per-cell strings."""
-    codes, uniques = pd.factorize(column, sort=True)
-    return codes.astype(np.int32, copy=False), np.asarray(uniques).astype(str)
 
 
 def _constant(n_obs: int, value: str) -> tuple[np.ndarray, np.ndarray]:
