@@ -170,6 +170,7 @@ def pretrain(
     species: Species = "auto",
     accelerator: str = "auto",
     devices: int | str | list[int] = "auto",
+    num_nodes: int = 1,
     strategy: str = "auto",
     precision: str = "32-true",
     checkpoint_every: int = 1000,
@@ -199,8 +200,9 @@ def pretrain(
     Parameters
     ----------
     data
-        A :class:`Corpus`, or what :class:`Corpus` reads: ``.h5ad`` paths, AnnData objects (in
-        memory or backed), MuData, AnnCollection, or a list of them.
+        A :class:`Corpus` (e.g. :meth:`Corpus.from_soma`), or what :class:`Corpus` reads: ``.h5ad``
+        paths, zarr stores or annbatch collections, AnnData objects (in memory or backed), MuData,
+        AnnCollection, :class:`SomaSource`, or a list of them.
     out_dir
         Output folder: ``model/`` (a :class:`~scvi_cellplm.CellPLM` for :meth:`CellPLM.load
         <scvi_cellplm.CellPLM.load>`), ``corpus.json``, ``checkpoints/`` and ``logs/``.
@@ -218,8 +220,11 @@ def pretrain(
         :class:`~scvi_cellplm.train.CellPLMTrainingPlan`).
     layer, gene_id_key, batch_key, sample_key, platform_key, gene_vocabulary, species
         How datasets are read, see :class:`Corpus`.
-    accelerator, devices, strategy, precision
-        Lightning device settings, e.g. ``devices=4, strategy="ddp"``.
+    accelerator, devices, num_nodes, strategy, precision
+        Lightning device settings, e.g. ``devices=4, strategy="ddp"``; across machines
+        ``num_nodes=2, devices=4, strategy="ddp"`` with one process per device launched by SLURM
+        (``srun``) or ``torchrun --nnodes`` (world size ``num_nodes × devices``; see the pretraining
+        guide).
     checkpoint_every
         Save a checkpoint every this many steps.
     keep_checkpoints
@@ -282,6 +287,7 @@ def pretrain(
         max_epochs=max_epochs if max_epochs is not None else (-1 if max_steps != -1 else 1),
         accelerator=accelerator,
         devices=devices,
+        num_nodes=num_nodes,
         strategy=strategy,
         precision=precision,
         callbacks=[_checkpointing(out_dir, checkpoint_every, keep_checkpoints), *(callbacks or [])],
