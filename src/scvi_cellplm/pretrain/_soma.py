@@ -98,13 +98,14 @@ class SomaSource:
             var_columns = ms.var.schema.names
             if self.gene_id_key not in var_columns:
                 raise InputDataError(f"`gene_id_key={self.gene_id_key!r}` is not a column of "
-                                     f"ms[{self.measurement!r}].var ({var_columns}).")
+                                     f"ms[{self.measurement!r}].var ({var_columns}): pass the one with gene ids.")
             var = ms.var.read(column_names=["soma_joinid", self.gene_id_key]).concat().to_pandas()
             obs_columns = exp.obs.schema.names
             wanted = []
             for kind, key in keys.items():
                 if key is not None and key not in obs_columns:
-                    raise InputDataError(f"`{kind}_key={key!r}` is not a column of {self.uri} obs ({obs_columns}).")
+                    raise InputDataError(f"`{kind}_key={key!r}` is not a column of {self.uri} obs: pass one of "
+                                         f"{obs_columns}.")
                 if key is not None and key not in wanted:
                     wanted.append(key)
             try:
@@ -157,5 +158,5 @@ class _SomaRows:
 
 def _member(collection, key: str, what: str, where: str):
     if key not in collection:
-        raise InputDataError(f"`{what}={key!r}` is not in {where} ({list(collection.keys())}).")
+        raise InputDataError(f"`{what}={key!r}` is not in {where}: pass one of {list(collection.keys())}.")
     return collection[key]
