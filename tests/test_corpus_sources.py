@@ -9,6 +9,7 @@ ranks, also across nodes; resume mid-epoch) hold whatever the source. SOMA tests
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import anndata as ad
@@ -270,3 +271,46 @@ def test_a_folder_that_is_no_store_is_refused(tmp_path):
     with pytest.raises(InputDataError, match="empty.zarr"):
         Corpus([str(tmp_path / "empty.zarr")], 64)
 
+
+
+WORKER = """
+import sys, torch
+torch.set_num_threads(1)
+from pretrain_helpers import RecordCells
+from scvi_cellplm.pretrain import SomaSource, pretrain
+out, steps, *uris = sys.argv[1:]
+pretrain([SomaSource(u, gene_id_key="gene_ids") for u in uris], out, max_cells_per_batch=48,
+         max_steps=int(steps), checkpoint_every=100, accelerator="cpu", devices=1, num_nodes=2,
+         strategy="ddp", progress_bar=False, logger_kind="none", model_kwargs={tiny},
+         gene_id_key="gene_ids", batch_key="batch", callbacks=[RecordCells(out)])
+"""
+
+
+def test_two_nodes_launched_by_hand_train_every_cell_once(soma_experiments, tmp_path):
+    """Two "machines" (processes on this one) started with MASTER_ADDR/MASTER_PORT/NODE_RANK, as
+    on a cluster without a launcher: `num_nodes=2` makes one DDP group over them; every cell of the
+    SOMA corpus is trained on once, and both end with the same weights."""
+    import os
+    import socket
+    import subprocess
+
+    corpus = Corpus(_soma_sources(soma_experiments), 48, **KEYS)
+    steps = len(CorpusSampler(corpus.sentence_sizes, 48, num_replicas=2, rank=0))
+    script = tmp_path / "node.py"
+    script.write_text(WORKER.format(tiny=TINY))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    cmd = [sys.executable, str(script), str(tmp_path), str(steps), *soma_experiments]
+    nodes = [subprocess.Popen(cmd, env={**env, "NODE_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    results = [n.communicate(timeout=300) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), results[0][1][-3000:] + results[1][1][-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(r["steps"] == steps for r in ranks)
+    seen = torch.cat([r["seen"] for r in ranks]).numpy()
+    assert np.array_equal(np.sort(seen), np.arange(corpus.n_cells))
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), key
