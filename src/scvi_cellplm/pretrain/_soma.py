@@ -58,9 +58,12 @@ class SomaSource:
                  layer: str = "raw", gene_id_key: str = "feature_id", name: str | None = None,
                  context=None) -> None:
         _tiledbsoma()
-        self.uri, self.obs_value_filter = str(uri), obs_value_filter
+        uri = str(uri)
+        # local folders as absolute paths: TileDB resolves relative ones against a cached folder
+        self.uri = uri if "://" in uri else os.path.abspath(uri)
+        self.obs_value_filter = obs_value_filter
         self.measurement, self.layer, self.gene_id_key = measurement, layer, gene_id_key
-        self.name, self.context = name, context
+        self.name, self.context = name or uri.rstrip("/").rsplit("/", 1)[-1], context
         self._joinids: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
@@ -71,7 +74,7 @@ class SomaSource:
     @property
     def default_name(self) -> str:
         """The ``name`` given, else the experiment's folder name."""
-        return self.name or self.uri.rstrip("/").rsplit("/", 1)[-1]
+        return self.name
 
     def describe(self) -> dict:
         """JSON-able description for the corpus metadata."""
