@@ -27,14 +27,15 @@ class DemoResult:
 
 def run_demo(
     out_dir: str | Path = "cellplm_demo",
-    max_epochs: int = 60,
-    max_cells_per_batch: int = 512,
+    max_epochs: int | None = None,
     seed: int = 0,
     progress_bar: bool = True,
 ) -> DemoResult:
     """Pretrain → embed → Leiden → UMAP on the bundled pancreas data.
 
-    Writes ``OUT/pancreas_cellplm.h5ad`` (``obsm['X_cellplm']``, ``obs['cellplm_leiden']``,
+    The model is trained as the README recommends, ``CellPLM(adata)`` and ``train()`` at their
+    defaults (``max_epochs`` overrides the step budget). Writes ``OUT/pancreas_cellplm.h5ad``
+    (``obsm['X_cellplm']``, ``obs['cellplm_leiden']``,
     ``obsm['X_umap_cellplm']``), ``OUT/umap.png`` and the trained model in ``OUT/model``.
     """
     import matplotlib
@@ -57,7 +58,7 @@ def run_demo(
                 adata.obs["batch"].nunique())
 
     CellPLM.setup_anndata(adata, layer="counts", batch_key="batch")
-    model = CellPLM(adata, max_cells_per_batch=max_cells_per_batch)
+    model = CellPLM(adata)
     model.train(max_epochs=max_epochs, enable_progress_bar=progress_bar, seed=seed)
     adata.obsm[SLOTS.EMBEDDING] = model.get_latent_representation()
     ari, nmi, key = cluster_scores(adata, SLOTS.EMBEDDING, "cell_type", seed=seed)

@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="pretrain on bundled data, embed, cluster, plot, write")
     demo.add_argument("--out", default="cellplm_demo", help="output folder (default: %(default)s)")
-    demo.add_argument("--max-epochs", type=int, default=60, help="training epochs (%(default)s)")
+    demo.add_argument("--max-epochs", type=int, default=None,
+                      help="training epochs (default: train()'s step budget)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_common(demo, top=False)

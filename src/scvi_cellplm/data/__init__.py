@@ -9,7 +9,8 @@ from ._loader import (
     SentenceSampler,
     sentence_dataloader,
 )
-from ._sentences import bisect_windows, make_sentences, pack_sentences
+from ._selection import highly_variable_genes
+from ._sentences import bisect_windows, make_sentences, pack_sentences, random_sentences
 from ._windows import expression_features, make_windower
 
 INDICES_KEY = DATA_KEYS.INDICES_KEY
@@ -24,9 +25,11 @@ __all__ = [
     "bisect_windows",
     "expression_features",
     "graph_windows",
+    "highly_variable_genes",
     "make_sentences",
     "make_windower",
     "pack_sentences",
+    "random_sentences",
     "registered_gene_ids",
     "registered_var",
     "sentence_dataloader",

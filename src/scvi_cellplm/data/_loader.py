@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -12,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .._constants import DATA_KEYS, REGISTRY_KEYS
 from .._exceptions import InputDataError
-from ._sentences import make_sentences, pack_sentences
+from ._sentences import make_sentences, pack_sentences, random_sentences
 
 
 class SentenceDataset(Dataset):
@@ -82,14 +83,16 @@ def sum_duplicates(x: torch.Tensor) -> torch.Tensor:
 class SentenceSampler(Sampler):
     """Yield mini-batches of whole sentences, each at most ``max_cells`` cells.
 
-    With ``num_replicas > 1`` (DDP), mini-batches are dealt round-robin to ranks after a shuffle
+    ``sentences`` is a list, or a function of the epoch returning that epoch's sentences (drawn
+    anew each epoch, e.g. :func:`~scvi_cellplm.data.random_sentences` seeded by the epoch). With
+    ``num_replicas > 1`` (DDP), mini-batches are dealt round-robin to ranks after a shuffle
     seeded by ``seed + epoch``, so ranks see disjoint cells; the last ranks may get one batch fewer
     unless ``pad=True`` repeats batches to equalise counts.
     """
 
     def __init__(
         self,
-        sentences: list[np.ndarray],
+        sentences: list[np.ndarray] | Callable[[int], list[np.ndarray]],
         max_cells: int,
         *,
         shuffle: bool = False,
@@ -112,11 +115,12 @@ class SentenceSampler(Sampler):
         self.epoch = epoch
 
     def _batches(self) -> list[list[np.ndarray]]:
-        order = np.arange(len(self.sentences))
+        sentences = self.sentences(self.epoch) if callable(self.sentences) else self.sentences
+        order = np.arange(len(sentences))
         if self.shuffle:
             order = np.random.default_rng(self.seed + self.epoch).permutation(order)
-        packed = pack_sentences([self.sentences[i] for i in order], self.max_cells)
-        batches = [[self.sentences[order[j]] for j in b] for b in packed]
+        packed = pack_sentences([sentences[i] for i in order], self.max_cells)
+        batches = [[sentences[order[j]] for j in b] for b in packed]
         if self.num_replicas > 1:
             if self.pad and len(batches) % self.num_replicas:
                 extra = self.num_replicas - len(batches) % self.num_replicas
@@ -134,7 +138,7 @@ class SentenceSampler(Sampler):
 
 def sentence_dataloader(
     adata_manager,
-    sentences: list[np.ndarray],
+    sentences: list[np.ndarray] | Callable[[int], list[np.ndarray]],
     max_cells: int,
     *,
     shuffle: bool = False,
@@ -202,6 +206,11 @@ class SentenceDataSplitter(pl.LightningDataModule):
         Seed of the split and of the shuffling.
     gene_index
         Vocabulary row of each registered column (see :class:`SentenceDataset`).
+    train_sentences
+        ``"windows"``: training sentences are the samples, windowed like at inference (contiguous
+        in space or expression). ``"random"``: each epoch, every sample's training cells are cut
+        into new random sentences of at most ``max_cells`` (:func:`~.random_sentences`; seeded by
+        ``seed`` and the epoch, identical on every DDP rank). Validation always uses windows.
     """
 
     def __init__(
@@ -213,9 +222,13 @@ class SentenceDataSplitter(pl.LightningDataModule):
         validation_size: float = 0.1,
         seed: int = 0,
         gene_index: np.ndarray | None = None,
+        train_sentences: Literal["windows", "random"] = "windows",
         **loader_kwargs,
     ) -> None:
         super().__init__()
+        if train_sentences not in ("windows", "random"):
+            raise InputDataError(f"`train_sentences` must be 'windows' or 'random', got {train_sentences!r}.")
+        self.train_sentences = train_sentences
         self.adata_manager = adata_manager
         self.gene_index = gene_index
         self.max_cells = max_cells
@@ -229,9 +242,13 @@ class SentenceDataSplitter(pl.LightningDataModule):
         self.n_train, self.n_val = len(self.train_idx), len(self.val_idx)
 
     def _loader(self, indices: np.ndarray, shuffle: bool) -> DataLoader:
-        sentences = make_sentences(
-            self.sample_codes, self.max_cells, self.windower, indices=indices
-        )
+        if shuffle and self.train_sentences == "random":
+            codes, max_cells, seed = self.sample_codes, self.max_cells, self.seed
+
+            def sentences(epoch: int) -> list[np.ndarray]:
+                return random_sentences(codes, max_cells, indices, np.random.default_rng([seed, epoch]))
+        else:
+            sentences = make_sentences(self.sample_codes, self.max_cells, self.windower, indices=indices)
         return sentence_dataloader(
             self.adata_manager, sentences, self.max_cells, shuffle=shuffle, seed=self.seed,
             gene_index=self.gene_index, **self.loader_kwargs,

@@ -92,6 +92,28 @@ def make_sentences(
     return sentences
 
 
+def random_sentences(
+    sample_codes: np.ndarray, max_cells: int, indices: np.ndarray, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Cut each sample's ``indices`` into random sentences of near-equal size, at most ``max_cells``.
+
+    The training sentences of a model without coordinates: a sample of ``n`` cells becomes
+    ``ceil(n / max_cells)`` random subsets, drawn anew with ``rng`` (each epoch), so a cell meets
+    different company every epoch and every sentence looks like the sample it comes from (fixed
+    windows in expression space would hold only similar cells). Every index is in exactly one
+    sentence; sentences come back sorted, in sample order.
+    """
+    sample_codes = np.asarray(sample_codes).reshape(-1)
+    indices = np.asarray(indices)
+    codes = sample_codes[indices]
+    sentences: list[np.ndarray] = []
+    for code in np.unique(codes):
+        members = rng.permutation(indices[codes == code])
+        n_parts = -(-len(members) // max_cells)
+        sentences.extend(np.sort(part) for part in np.array_split(members, n_parts))
+    return sentences
+
+
 def pack_sentences(sentences: list[np.ndarray], max_cells: int) -> list[list[int]]:
     """Pack whole sentences into mini-batches of at most ``max_cells`` cells (first fit, in order).
 

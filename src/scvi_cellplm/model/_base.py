@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
 from collections.abc import Sequence
 from typing import Literal
@@ -12,7 +13,6 @@ import rich.pretty  # noqa: F401  (scvi-tools' view_anndata_setup uses rich.pret
 import torch
 from anndata import AnnData
 from mudata import MuData
-from scvi.model._utils import get_max_epochs_heuristic
 from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 
@@ -20,13 +20,14 @@ from .._constants import REGISTRY_KEYS
 from .._exceptions import GeneAlignmentError, InputDataError
 from .._presets import PRESETS
 from ..data import SentenceDataSplitter, make_windower, registered_gene_ids, registered_var
+from ..data._selection import highly_variable_genes
 from ..data._statistics import log1p_means, measured_genes, to_vocabulary
 from ..module import CellPLMModule
 from ..module._norm import Norm
 from ..module.attention import AttentionKind
 from ..module.latent import LatentDistribution
 from ..module.positional import PositionalEncodingKind
-from ..train import CellPLMTrainingPlan
+from ..train import CellPLMTrainingPlan, get_max_steps_heuristic
 from . import _saving
 from ._hub import HubMixin
 from ._inference import SentenceInferenceMixin
@@ -48,6 +49,8 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
     # new data without a labels column still embeds (the encoder does not read labels)
     _transfer_kwargs: dict = {"allow_missing_labels": True}
     _plan_defaults: dict = {}  # training-plan defaults of this kind of model
+    _train_cells: int | None = None  # training sentence budget (None: the model's)
+    _train_sentences: str = "windows"  # how training sentences are drawn (see SentenceDataSplitter)
 
     def __init__(
         self,
@@ -71,6 +74,7 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
         gene_likelihood: Literal["nb", "gaussian"] = "nb",
         center_input: bool = False,
         n_spatial_neighbors: int = 0,
+        n_top_genes: int | None = 2000,
         **module_kwargs,
     ) -> None:
         super().__init__(adata)
@@ -94,6 +98,12 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
                     "`adata.var_names_make_unique()` or choose another `gene_id_key`."
                 )
             gene_vocabulary = list(ids)
+            if n_top_genes is not None and len(ids) > n_top_genes:
+                keep = highly_variable_genes(manager, n_top_genes, counts=looks_like_counts(manager))
+                gene_vocabulary = list(ids[keep])
+                logger.info("Vocabulary: the %d most variable of %d registered genes (n_top_genes=%d; "
+                            "the others are not read, and decode as 0).", len(gene_vocabulary),
+                            len(ids), n_top_genes)
         self.gene_vocabulary = _checked_vocabulary(gene_vocabulary)
         n_genes = len(self.gene_vocabulary)
         index = self._gene_index(manager)  # the training data's genes, by identity
@@ -221,6 +231,7 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
         devices: int | list[int] | str = "auto",
         validation_size: float = 0.1,
         max_cells_per_batch: int | None = None,
+        train_sentences: Literal["random", "windows"] | None = None,
         gradient_clip_val: float = 1.0,
         plan_kwargs: dict | None = None,
         seed: int = 0,
@@ -234,7 +245,10 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
         Parameters
         ----------
         max_epochs
-            Passes over the data (default: scvi-tools' heuristic from the number of cells).
+            Passes over the data. Default: enough epochs for
+            :func:`~scvi_cellplm.train.get_max_steps_heuristic` optimisation steps (about
+            ``400 * n_cells / max_cells_per_batch``, between 1,000 and 20,000), or for
+            ``max_steps`` when that is given.
         lr
             Peak AdamW learning rate.
         accelerator, devices
@@ -242,7 +256,15 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
         validation_size
             Fraction of each sample's cells held out for validation.
         max_cells_per_batch
-            Cell budget of a training mini-batch (default: the model's).
+            Cell budget of a training sentence and mini-batch. Default: 512 for
+            :class:`~scvi_cellplm.CellPLM` on data without coordinates (many optimisation steps;
+            inference still reads whole samples up to the model's ``max_cells_per_batch``), the
+            model's budget otherwise.
+        train_sentences
+            ``"random"``: every epoch, each sample's cells are cut into new random sentences;
+            ``"windows"``: the samples, windowed as at inference. Default: ``"random"`` for
+            :class:`~scvi_cellplm.CellPLM` on data without coordinates, ``"windows"`` otherwise
+            (spatial windows keep neighbours together).
         gradient_clip_val
             Gradient-norm clipping.
         plan_kwargs
@@ -252,11 +274,23 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
         seed
             Seed of the train/validation split and of the sentence shuffling.
         **trainer_kwargs
-            Passed to :class:`scvi.train.Trainer` (e.g. ``enable_progress_bar``).
+            Passed to :class:`scvi.train.Trainer` (e.g. ``enable_progress_bar``, ``max_steps``).
         """
+        spatial = REGISTRY_KEYS.SPATIAL_KEY in self.adata_manager.data_registry
+        if max_cells_per_batch is None:
+            max_cells_per_batch = self.max_cells_per_batch if spatial or self._train_cells is None else min(
+                self._train_cells, self.max_cells_per_batch)
+        if train_sentences is None:
+            train_sentences = "windows" if spatial else self._train_sentences
+        splitter = self._data_splitter(max_cells_per_batch, validation_size, seed, train_sentences)
         if max_epochs is None:
-            max_epochs = get_max_epochs_heuristic(self.adata.n_obs)
-        splitter = self._data_splitter(max_cells_per_batch, validation_size, seed)
+            steps_per_epoch = max(len(splitter.train_dataloader()), 1)
+            steps = trainer_kwargs.get("max_steps", -1)
+            if steps is None or steps < 0:
+                steps = get_max_steps_heuristic(splitter.n_train, max_cells_per_batch)
+            max_epochs = math.ceil(steps / steps_per_epoch)
+            logger.info("Training for %d epochs of %d steps (sentences of at most %d cells): %d steps.",
+                        max_epochs, steps_per_epoch, max_cells_per_batch, max_epochs * steps_per_epoch)
         defaults = dict(self._plan_defaults)
         if any(not p.requires_grad for p in self.module.parameters()):
             defaults["weight_decay"] = 0.0
@@ -287,18 +321,19 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
                            "that step.", runner.trainer.global_step)
             raise KeyboardInterrupt from err
 
-    def _data_splitter(self, max_cells_per_batch: int | None, validation_size: float, seed: int):
+    def _data_splitter(self, max_cells_per_batch: int, validation_size: float, seed: int,
+                       train_sentences: str = "windows"):
         """Return the training data module (subclasses with other training data override this)."""
         manager = self.adata_manager
-        max_cells = max_cells_per_batch or self.max_cells_per_batch
         return SentenceDataSplitter(
             manager,
             self._sample_codes(manager),
-            max_cells,
-            make_windower(manager, max_cells),
+            max_cells_per_batch,
+            make_windower(manager, max_cells_per_batch),
             validation_size=validation_size,
             seed=seed,
             gene_index=self._gene_index(manager),
+            train_sentences=train_sentences,
         )
 
     # ------------------------------------------------------------------ save / load

@@ -83,6 +83,12 @@ class CellPLM(LatentMixin, ExpressionMixin, OfficialCheckpointMixin, PretrainedM
         the spatial kNN graph) before the transformer, local tissue context that sentence-wide
         linear attention cannot single out; cells without coordinates keep their own. ``0``
         (default; the official architecture): no such layer. Requires ``spatial_key``.
+    n_top_genes
+        Without ``gene_vocabulary``, data with more registered genes than this gets a vocabulary
+        of its ``n_top_genes`` most variable genes (``seurat_v3`` on counts, per batch; see
+        :func:`~scvi_cellplm.data.highly_variable_genes`): training time grows with the
+        vocabulary (about 10x from 2,000 to 20,000 genes) and the selected genes carry the cell
+        types. The other genes are not read, and decode as 0. ``None``: every registered gene.
     **module_kwargs
         Passed to :class:`~scvi_cellplm.module.CellPLMModule` (e.g. ``kl_free_bits``).
 
@@ -91,9 +97,12 @@ class CellPLM(LatentMixin, ExpressionMixin, OfficialCheckpointMixin, PretrainedM
     >>> adata = scvi_cellplm.datasets.pancreas_demo()
     >>> CellPLM.setup_anndata(adata, batch_key="batch")
     >>> model = CellPLM(adata)
-    >>> model.train(max_epochs=5)
+    >>> model.train()
     >>> adata.obsm["X_cellplm"] = model.get_latent_representation()
     """
+
+    _train_cells = 512  # training sentences (data without coordinates); see CellPLMBase.train
+    _train_sentences = "random"
 
     # ------------------------------------------------------------------ setup
     @classmethod

@@ -296,7 +296,8 @@ class CellPLMPerturbation(CellPLMBase):
         return (total / max(len(cells), 1)).astype(np.float32)
 
     # ------------------------------------------------------------------ training
-    def _data_splitter(self, max_cells_per_batch: int | None, validation_size: float, seed: int):
+    def _data_splitter(self, max_cells_per_batch: int | None, validation_size: float, seed: int,
+                       train_sentences: str = "windows"):
         manager = self.adata_manager
         labels = self._perturbation_labels(manager, required=True)
         categories = sorted(set(labels) - {self.control_category})

@@ -208,6 +208,9 @@ def impute_genes(
         "drop_position_rate": 0.0 if positional_encoding == "none" else 0.5,
         **train_kwargs.get("plan_kwargs", {}),
     }
+    # imputation was validated on the model's own windows (benchmarks/spatial_imputation.py)
+    train_kwargs = {"max_cells_per_batch": model.max_cells_per_batch, "train_sentences": "windows",
+                    **train_kwargs}
     model.train(max_epochs=max_epochs, **train_kwargs)
     is_spatial = np.flatnonzero(joint.obs[DATASET_COLUMN].to_numpy() == "spatial")
     # decode as the reference: the dataset whose decoder learned the genes the panel lacks
