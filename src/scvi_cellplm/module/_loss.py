@@ -71,50 +71,77 @@ def nb_recon_terms(
     if n == 0:
         zero = x.new_zeros(())
         return {"recon_cells": zero, **({"recon_masked": zero} if with_masked else {})}
-    all_cells = n == x.shape[0]
-    x_c = x if all_cells else x[cells]
-    valid_c = valid if all_cells else valid[cells]
-    mask_c = None if input_mask is None else (input_mask if all_cells else input_mask[cells])
-    columns = valid_c.any(dim=0)
-    if bool(columns.all()):
-        rows = None if gene_index is None else gene_index
-    else:  # only the genes some cell measured
-        keep = columns.nonzero().squeeze(1)
-        x_c, valid_c = x_c[:, keep], valid_c[:, keep]
-        mask_c = None if mask_c is None else mask_c[:, keep]
-        rows = keep if gene_index is None else gene_index[keep]
-    h = hidden if all_cells else hidden[cells]
-    mean = decoder.means(h, rows)
+    rows_c = None if n == x.shape[0] else cells.nonzero().squeeze(1)
+    valid_c = valid if rows_c is None else valid[rows_c]
+    keep = valid_c.any(dim=0).nonzero().squeeze(1)  # only the genes some cell measured
+    if keep.numel() == x.shape[1]:
+        keep = None
+    x_c, valid_c = _take(x, rows_c, keep), _take(valid_c, None, keep)
+    genes = keep if gene_index is None else (gene_index if keep is None else gene_index[keep])
+    mean = decoder.means(hidden if rows_c is None else hidden[rows_c], genes, dtype=torch.float32)
     theta = decoder.theta()
-    theta = theta if rows is None else theta[rows]
-    terms = {"recon_cells": _nb_nll_sum(x_c, mean, theta, valid_c) / n}
+    theta = theta if genes is None else theta[genes]
+    every = bool(valid_c.all())  # the usual mini-batch: one panel, now all columns
+    terms = {"recon_cells": _nb_nll_dense(x_c, mean, theta, None if every else valid_c) / n}
     if with_masked:
-        terms["recon_masked"] = masked_weight * _nb_nll_sum(x_c, mean, theta, mask_c & valid_c) / n
+        hidden_entries = _take(input_mask, rows_c, keep)
+        if not every:
+            hidden_entries = hidden_entries & valid_c
+        rows, cols = hidden_entries.nonzero(as_tuple=True)
+        terms["recon_masked"] = masked_weight * _nb_nll_entries(
+            x_c[rows, cols], mean[rows, cols], theta, rows, cols, n) / n
     return terms
 
 
-def _nb_nll_sum(
-    x: torch.Tensor, mean: torch.Tensor, theta: torch.Tensor, entries: torch.Tensor
+def _take(x: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+    """``x[rows][:, cols]`` (``None``: all)."""
+    if rows is not None:
+        x = x.index_select(0, rows)
+    return x if cols is None else x.index_select(1, cols)
+
+
+def _nb_nll_dense(
+    x: torch.Tensor, mean: torch.Tensor, theta: torch.Tensor, entries: torch.Tensor | None
 ) -> torch.Tensor:
-    """Sum over ``entries`` of the NB negative log-likelihood, means renormalised over them.
+    """Sum over ``entries`` (``None``: all) of the NB negative log-likelihood, means renormalised over them.
 
     As :func:`scvi_cellplm.module._module._nb_nll` (times the number of cells), with
     ``-log NB(x) = theta * (log(theta + mu) - log(theta)) + [x != 0] * (x * (log(theta + mu) -
     log(mu)) - lgamma(x + theta) + lgamma(theta) + lgamma(x + 1))``.
     """
-    weight = entries.to(mean.dtype)
-    lib = (x * weight).sum(dim=1, keepdim=True)
-    kept = mean * weight
-    mu = (kept * (lib / kept.sum(dim=1, keepdim=True).clamp(min=1e-12))).clamp(min=1e-8)
+    weight = None if entries is None else entries.to(mean.dtype)
+    if weight is not None:
+        x, mean = x * weight, mean * weight
+    lib = x.sum(dim=1, keepdim=True)
+    mu = (mean * (lib / mean.sum(dim=1, keepdim=True).clamp(min=1e-12))).clamp(min=1e-8)
     log_theta_mu = torch.log(theta + mu + EPS)
     # every entry: theta * (log(theta + mu) - log(theta)); weight 0 off the entries
-    total = (weight * log_theta_mu).sum(dim=0) @ theta - weight.sum(dim=0) @ (theta * torch.log(theta + EPS))
-    rows, cols = ((x != 0) & entries).nonzero(as_tuple=True)
-    if rows.numel():
-        xv, th = x[rows, cols], theta[cols]
-        ltm = log_theta_mu[rows, cols]
-        total = total + (
-            xv * (ltm - torch.log(mu[rows, cols] + EPS))
-            - torch.lgamma(xv + th) + torch.lgamma(th) + torch.lgamma(xv + 1)
-        ).sum()
-    return total
+    if weight is None:
+        total = log_theta_mu.sum(dim=0) @ theta - x.shape[0] * (theta @ torch.log(theta + EPS))
+    else:
+        total = (weight * log_theta_mu).sum(dim=0) @ theta - weight.sum(dim=0) @ (theta * torch.log(theta + EPS))
+    rows, cols = (x != 0).nonzero(as_tuple=True)  # x is 0 off the entries
+    return total + _nonzero_part(x[rows, cols], mu[rows, cols], log_theta_mu[rows, cols], theta[cols])
+
+
+def _nb_nll_entries(
+    x: torch.Tensor, mean: torch.Tensor, theta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+    n_rows: int,
+) -> torch.Tensor:
+    """:func:`_nb_nll_dense` over the entries ``(rows, cols)`` given by their values ``x``, ``mean``."""
+    lib = x.new_zeros(n_rows).index_add_(0, rows, x)
+    total = mean.new_zeros(n_rows).index_add(0, rows, mean)
+    mu = (mean * (lib / total.clamp(min=1e-12))[rows]).clamp(min=1e-8)
+    theta = theta[cols]
+    log_theta_mu = torch.log(theta + mu + EPS)
+    nll = theta * (log_theta_mu - torch.log(theta + EPS))
+    nonzero = (x != 0).nonzero().squeeze(1)
+    return nll.sum() + _nonzero_part(x[nonzero], mu[nonzero], log_theta_mu[nonzero], theta[nonzero])
+
+
+def _nonzero_part(
+    x: torch.Tensor, mu: torch.Tensor, log_theta_mu: torch.Tensor, theta: torch.Tensor
+) -> torch.Tensor:
+    """Sum the terms of the NB negative log-likelihood that vanish at ``x = 0``."""
+    return (x * (log_theta_mu - torch.log(mu + EPS))
+            - torch.lgamma(x + theta) + torch.lgamma(theta) + torch.lgamma(x + 1)).sum()

@@ -128,16 +128,21 @@ class NBDecoder(nn.Module):
                     x = x + cov[COVARIATES.DATASET](dataset_index)
         return torch.relu(self.head(x))
 
-    def means(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def means(
+        self, hidden: torch.Tensor, rows: torch.Tensor | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """Unnormalised means of :meth:`hidden` for the genes ``rows`` (default: all genes).
 
         Only the output layer's rows ``rows`` are computed (the cost of a training loss over a
-        subset of the vocabulary).
+        subset of the vocabulary). ``dtype``: compute the output's activation in that type (e.g.
+        float32 after a bfloat16 product under autocast).
         """
         if rows is None:
             out = self.mean(hidden)
         else:
             out = nn.functional.linear(hidden, self.mean.weight[rows], self.mean.bias[rows])
+        if dtype is not None:
+            out = out.to(dtype)
         return out if self.likelihood == "gaussian" else torch.exp(out).clamp(min=1e-5, max=1e6)
 
     def theta(self) -> torch.Tensor:
