@@ -246,7 +246,9 @@ class CellPLMModule(BaseModuleClass):
         ignored); ``None``: the columns are the vocabulary.
         """
         center = self.input_column_center(gene_index)
-        if input_mask is not None:
+        # training on dense counts: embed from the shown non-zeros (same sums, a fraction of the work)
+        bag = self.sparse_loss and center is None and torch.is_grad_enabled() and x.layout == torch.strided
+        if input_mask is not None and not bag:
             if center is None:
                 x = dense(x).masked_fill(input_mask, 0.0)
             else:  # a hidden entry reads as the centre: no deviation, rather than "not expressed"
@@ -263,7 +265,10 @@ class CellPLMModule(BaseModuleClass):
         shared = None
         if self.dataset_gene_mask is not None and self.embed_shared_genes:  # genes all datasets measured
             shared = self._input_panel(gene_index).all(dim=0)
-        h = self.embedder.expression(x, gene_index, keep=shared, center=center)
+        if bag:
+            h = self.embedder.expression_of_entries(x, input_mask, gene_index, keep=shared)
+        else:
+            h = self.embedder.expression(x, gene_index, keep=shared, center=center)
         if self.neighbourhood is not None:  # mixed in the linear expression space
             h = self.neighbourhood(h, coords, sentence)
         h = self.embedder.tokens(h, positional)
