@@ -98,8 +98,9 @@ def build_corpus(directory: Path, n_cells: int) -> list[str]:
     return [str(p) for p in paths]
 
 
-def worker(files: list[str], steps: int, max_cells: int, threads: int, sparse_loss: bool = True) -> dict:
-    """Index the corpus and pretrain ``steps`` steps; peak RSS and throughput."""
+def worker(files: list[str], steps: int, max_cells: int, threads: int, sparse_loss: bool = True,
+           seed: int = 0) -> dict:
+    """Index the corpus and pretrain ``steps`` steps; peak RSS, throughput and the loss of each step."""
     import lightning.pytorch as pl
     import torch
 
@@ -108,7 +109,7 @@ def worker(files: list[str], steps: int, max_cells: int, threads: int, sparse_lo
 
     class Clock(pl.Callback):
         def __init__(self):
-            self.cells, self.t0 = 0, None
+            self.cells, self.t0, self.losses = 0, None, []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == 5:
@@ -116,15 +117,19 @@ def worker(files: list[str], steps: int, max_cells: int, threads: int, sparse_lo
             if self.t0 is not None:
                 self.cells += batch["X"].shape[0]
 
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self.losses.append(float(loss))
+
     t = time.perf_counter()
-    corpus = Corpus(files, max_cells, gene_id_key="gene_ids", sample_key="sample")
+    corpus = Corpus(files, max_cells, gene_id_key="gene_ids", sample_key="sample", seed=seed)
     index_s = time.perf_counter() - t
     rss_index = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     clock = Clock()
     with tempfile.TemporaryDirectory() as out:
         pretrain(corpus, out, max_steps=steps, max_cells_per_batch=max_cells, accelerator="cpu",
                  devices=1, checkpoint_every=10**9, logger_kind="none", progress_bar=False,
-                 callbacks=[clock], sparse_loss=sparse_loss)
+                 callbacks=[clock], sparse_loss=sparse_loss, seed=seed)
     seconds = time.perf_counter() - clock.t0
     return {
         "n_cells": corpus.n_cells,
@@ -138,7 +143,21 @@ def worker(files: list[str], steps: int, max_cells: int, threads: int, sparse_lo
         "cells_per_s": clock.cells / seconds,
         "s_per_step": seconds / (steps - 5),
         "loss": "sparse" if sparse_loss else "dense",
+        "seed": seed,
+        "losses": clock.losses,
     }
+
+
+def print_curves(curves: list) -> None:
+    """Per seed: the speed-up of the paired runs and the training loss at a few steps, dense vs sparse."""
+    for n, runs in curves:
+        steps = len(runs["dense"][0]["losses"])
+        marks = sorted({1, 2, 5, steps // 2, steps})
+        print(f"\n{n:,} cells: training loss at step k (dense / sparse loss, same seed, same batches)")
+        print(f"{'seed':>4} {'speed-up':>8} " + " ".join(f"{'k=' + str(k):>17}" for k in marks))
+        for dense, fast in zip(runs["dense"], runs["sparse"]):
+            cells = " ".join(f"{dense['losses'][k - 1]:>8.1f}/{fast['losses'][k - 1]:<8.1f}" for k in marks)
+            print(f"{dense['seed']:>4} x{fast['cells_per_s'] / dense['cells_per_s']:>7.2f} {cells}")
 
 
 def run_worker(cmd: list[str], n: int) -> dict:
@@ -147,7 +166,8 @@ def run_worker(cmd: list[str], n: int) -> dict:
     if out.returncode:
         raise SystemExit(f"worker failed for {n} cells:\n{out.stderr[-4000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"{n:>9,} cells done: {json.dumps(result)}", flush=True)
+    shown = {k: v for k, v in result.items() if k != "losses"}
+    print(f"{n:>9,} cells done: {json.dumps(shown)}", flush=True)
     return result
 
 
@@ -163,16 +183,17 @@ def main() -> None:
                         help="before/after: the dense reference loss vs the default (sparse) loss")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each loss with --compare")
     parser.add_argument("--dense-loss", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.max_cells, args.threads,
-                                sparse_loss=not args.dense_loss)))
+                                sparse_loss=not args.dense_loss, seed=args.seed)))
         return
     if args.steps <= 10:
         raise SystemExit("--steps must be above 10 (the first 5 are warm-up).")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="cellplm_corpora_"))
-    rows = []
+    rows, curves = [], []
     try:
         for n in args.sizes:
             t = time.perf_counter()
@@ -187,9 +208,11 @@ def main() -> None:
                 rows.append(result)
                 continue
             runs = {"dense": [], "sparse": []}
-            for _ in range(args.repeats):  # alternating: the machine's load hits both alike
+            for seed in range(args.repeats):  # alternating: the machine's load hits both alike
                 for kind in runs:
-                    runs[kind].append(run_worker(cmd + (["--dense-loss"] if kind == "dense" else []), n))
+                    extra = ["--seed", str(seed)] + (["--dense-loss"] if kind == "dense" else [])
+                    runs[kind].append(run_worker(cmd + extra, n))
+            curves.append((n, runs))
             for results in runs.values():
                 best = max(results, key=lambda r: r["cells_per_s"])
                 best.update(disk_gb=size_gb, build_s=build_s)
@@ -214,6 +237,7 @@ def main() -> None:
             speed = fast["cells_per_s"] / dense["cells_per_s"]
             rss = fast["peak_rss_gib"] / dense["peak_rss_gib"]
             print(f"{dense['n_cells']:>10,} cells: sparse / dense loss x{speed:.2f} cells/s, peak RSS x{rss:.2f}")
+        print_curves(curves)
         rows = rows[1::2]  # the RSS verdict below: the default loss
     if len(rows) > 1:
         ratio = rows[-1]["peak_rss_gib"] / rows[0]["peak_rss_gib"]
