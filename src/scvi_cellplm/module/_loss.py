@@ -113,8 +113,8 @@ def _nb_nll_dense(
     if weight is not None:
         x, mean = x * weight, mean * weight
     lib = x.sum(dim=1, keepdim=True)
-    mu = (mean * (lib / mean.sum(dim=1, keepdim=True).clamp(min=1e-12))).clamp(min=1e-8)
-    log_theta_mu = torch.log(theta + mu + EPS)
+    mu = (mean * (lib / mean.sum(dim=1, keepdim=True).clamp(min=1e-12))).clamp_(min=1e-8)
+    log_theta_mu = torch.log(mu + (theta + EPS))
     # every entry: theta * (log(theta + mu) - log(theta)); weight 0 off the entries
     if weight is None:
         total = log_theta_mu.sum(dim=0) @ theta - x.shape[0] * (theta @ torch.log(theta + EPS))
@@ -131,9 +131,9 @@ def _nb_nll_entries(
     """:func:`_nb_nll_dense` over the entries ``(rows, cols)`` given by their values ``x``, ``mean``."""
     lib = x.new_zeros(n_rows).index_add_(0, rows, x)
     total = mean.new_zeros(n_rows).index_add(0, rows, mean)
-    mu = (mean * (lib / total.clamp(min=1e-12))[rows]).clamp(min=1e-8)
+    mu = (mean * (lib / total.clamp(min=1e-12))[rows]).clamp_(min=1e-8)
     theta = theta[cols]
-    log_theta_mu = torch.log(theta + mu + EPS)
+    log_theta_mu = torch.log(mu + (theta + EPS))
     nll = theta * (log_theta_mu - torch.log(theta + EPS))
     nonzero = (x != 0).nonzero().squeeze(1)
     return nll.sum() + _nonzero_part(x[nonzero], mu[nonzero], log_theta_mu[nonzero], theta[nonzero])
