@@ -11,6 +11,7 @@ from torch.distributions import Normal
 
 from .._constants import MODULE_KEYS, REGISTRY_KEYS
 from .._exceptions import InputDataError
+from ._loss import DECODER_HIDDEN_KEY, nb_recon_terms
 from ._norm import Norm
 from .attention import AttentionKind
 from .decoder import NBDecoder
@@ -157,6 +158,8 @@ class CellPLMModule(BaseModuleClass):
         self.gmvae_gaussian_weight = gmvae_gaussian_weight
         self.gmvae_categorical_weight = gmvae_categorical_weight
         self.masked_recon_weight = masked_recon_weight
+        # training loss over the measured genes, zeros in closed form (_loss.py); False: dense
+        self.sparse_loss = True
 
         self.embedder = GeneEmbedder(n_genes, n_hidden, dropout=dropout, norm=norm)
         self.pos_encoder = (
@@ -243,7 +246,9 @@ class CellPLMModule(BaseModuleClass):
         ignored); ``None``: the columns are the vocabulary.
         """
         center = self.input_column_center(gene_index)
-        if input_mask is not None:
+        # training on dense counts: embed from the shown non-zeros (same sums, a fraction of the work)
+        bag = self.sparse_loss and center is None and torch.is_grad_enabled() and x.layout == torch.strided
+        if input_mask is not None and not bag:
             if center is None:
                 x = dense(x).masked_fill(input_mask, 0.0)
             else:  # a hidden entry reads as the centre: no deviation, rather than "not expressed"
@@ -260,7 +265,10 @@ class CellPLMModule(BaseModuleClass):
         shared = None
         if self.dataset_gene_mask is not None and self.embed_shared_genes:  # genes all datasets measured
             shared = self._input_panel(gene_index).all(dim=0)
-        h = self.embedder.expression(x, gene_index, keep=shared, center=center)
+        if bag:
+            h = self.embedder.expression_of_entries(x, input_mask, gene_index, keep=shared)
+        else:
+            h = self.embedder.expression(x, gene_index, keep=shared, center=center)
         if self.neighbourhood is not None:  # mixed in the linear expression space
             h = self.neighbourhood(h, coords, sentence)
         h = self.embedder.tokens(h, positional)
@@ -339,6 +347,9 @@ class CellPLMModule(BaseModuleClass):
         Input columns outside the vocabulary (``gene_index`` -1) are predicted as 0.
         """
         decode = dataset_index if decode_dataset_index is None else decode_dataset_index
+        if self.sparse_loss and self.gene_likelihood == "nb" and self.training and torch.is_grad_enabled():
+            # a training step: the loss evaluates the output layer on the genes it needs
+            return {DECODER_HIDDEN_KEY: self.decoder.hidden(z, batch_index, decode)}
         mean, theta = self.decoder(z, batch_index, decode)
         if gene_index is not None:
             keep = gene_index >= 0
@@ -388,10 +399,15 @@ class CellPLMModule(BaseModuleClass):
         library rescaled to them. Genes outside the vocabulary never count.
         """
         x = dense(tensors[REGISTRY_KEYS.X_KEY])
+        gene_index = tensors.get(MODULE_KEYS.GENE_INDEX_KEY)
+        valid = self.measured_genes(x.shape[0], x.shape[1], tensors.get(REGISTRY_KEYS.DATASET_KEY),
+                                    gene_index)
+        if DECODER_HIDDEN_KEY in generative_outputs:  # the same terms, over the genes that matter
+            terms = nb_recon_terms(x, generative_outputs[DECODER_HIDDEN_KEY], self.decoder, valid,
+                                   input_mask, gene_index, self.masked_recon_weight)
+            return self._loss_output(terms, inference_outputs, kl_weight)
         scale = generative_outputs[MODULE_KEYS.PX_SCALE_KEY]
         theta = generative_outputs[MODULE_KEYS.PX_THETA_KEY]
-        valid = self.measured_genes(x.shape[0], x.shape[1], tensors.get(REGISTRY_KEYS.DATASET_KEY),
-                                    tensors.get(MODULE_KEYS.GENE_INDEX_KEY))
         if input_mask is None:
             cells = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         else:
@@ -403,7 +419,10 @@ class CellPLMModule(BaseModuleClass):
         if input_mask is not None and self.masked_recon_weight > 0:
             hidden = input_mask[cells] & valid_c
             terms["recon_masked"] = self.masked_recon_weight * nll(x_c, scale_c, theta, hidden)
-            recon = recon + terms["recon_masked"]
+        return self._loss_output(terms, inference_outputs, kl_weight)
+
+    def _loss_output(self, terms: dict, inference_outputs: dict, kl_weight: float) -> LossOutput:
+        recon = sum(terms.values())
         latent = inference_outputs[MODULE_KEYS.LATENT_LOSS_KEY]
         kl = sum(latent.values())
         total = recon + kl_weight * kl

@@ -108,6 +108,15 @@ class NBDecoder(nn.Module):
         dataset_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the unnormalised means ``(n, n_genes)`` and inverse dispersions ``(n_genes,)``."""
+        return self.means(self.hidden(z, batch_index, dataset_index)), self.theta()
+
+    def hidden(
+        self,
+        z: torch.Tensor,
+        batch_index: torch.Tensor | None = None,
+        dataset_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Return the input of the output layer ``(n, n_head_hidden)`` (after the head's ReLU)."""
         x = z
         for i, layer in enumerate(self.layers):
             x = layer(x)
@@ -117,7 +126,25 @@ class NBDecoder(nn.Module):
                     x = x + cov[COVARIATES.BATCH](batch_index)
                 if COVARIATES.DATASET in cov:
                     x = x + cov[COVARIATES.DATASET](dataset_index)
-        out = self.mean(torch.relu(self.head(x)))
-        mean = out if self.likelihood == "gaussian" else torch.exp(out).clamp(min=1e-5, max=1e6)
-        theta = torch.exp(self.log_theta).clamp(min=1e-4, max=1e4)
-        return mean, theta
+        return torch.relu(self.head(x))
+
+    def means(
+        self, hidden: torch.Tensor, rows: torch.Tensor | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Unnormalised means of :meth:`hidden` for the genes ``rows`` (default: all genes).
+
+        Only the output layer's rows ``rows`` are computed (the cost of a training loss over a
+        subset of the vocabulary). ``dtype``: compute the output's activation in that type (e.g.
+        float32 after a bfloat16 product under autocast).
+        """
+        if rows is None:
+            out = self.mean(hidden)
+        else:
+            out = nn.functional.linear(hidden, self.mean.weight[rows], self.mean.bias[rows])
+        if dtype is not None:
+            out = out.to(dtype)
+        return out if self.likelihood == "gaussian" else torch.exp(out).clamp(min=1e-5, max=1e6)
+
+    def theta(self) -> torch.Tensor:
+        """Gene-wise inverse dispersions ``(n_genes,)``."""
+        return torch.exp(self.log_theta).clamp(min=1e-4, max=1e4)

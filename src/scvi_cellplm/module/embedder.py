@@ -150,6 +150,30 @@ class GeneEmbedder(nn.Module):
                 h = h - center.to(table.dtype) @ table
         return h
 
+    def expression_of_entries(
+        self,
+        x: torch.Tensor,
+        hide: torch.Tensor | None = None,
+        gene_index: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`expression` of dense ``x`` with the ``hide`` entries read as 0, from its non-zeros.
+
+        A weighted bag of gene vectors per cell (:func:`torch.nn.functional.embedding_bag`): the
+        cost (and the gradient's) scales with the non-zero entries, not ``cells x genes``. Equal to
+        :meth:`expression` of ``x.masked_fill(hide, 0)`` up to float rounding (used in training).
+        """
+        with torch.autocast(x.device.type, enabled=False):
+            rows, cols = x.nonzero(as_tuple=True)  # row-major: the bags in order
+            if hide is not None:
+                shown = ~hide[rows, cols]
+                rows, cols = rows[shown], cols[shown]
+            counts = torch.bincount(rows, minlength=x.shape[0])
+            offsets = counts.cumsum(0) - counts
+            table = self.table_for(gene_index, keep).float()
+            return F.embedding_bag(cols, table, offsets, mode="sum",
+                                   per_sample_weights=torch.log1p(x[rows, cols].float()))
+
     def tokens(self, h: torch.Tensor, positional: torch.Tensor | None = None) -> torch.Tensor:
         """Turn :meth:`expression` (plus the positional encoding) into cell tokens.
 
