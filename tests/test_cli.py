@@ -299,3 +299,23 @@ def test_superset_of_genes_with_unknown_genes_and_a_new_batch_embeds_like_the_mo
     assert wide_emb.shape == (pancreas.n_obs, N_LATENT)
     np.testing.assert_allclose(wide_emb, narrow_emb, atol=1e-5)
     assert ad.read_h5ad(wide).n_vars == 800  # the input is untouched
+
+
+def test_pretrain_flags_reach_pretrain_including_num_nodes(tmp_path, monkeypatch):
+    seen = {}
+
+    class _Trainer:
+        is_global_zero, global_step = True, 0
+
+    class _Model:
+        trainer = _Trainer()
+
+    def fake_pretrain(data, out_dir, **kwargs):
+        seen.update(kwargs, data=data, out_dir=out_dir)
+        return _Model()
+
+    monkeypatch.setattr("scvi_cellplm.pretrain.pretrain", fake_pretrain)
+    args = ["pretrain", "--data", "a.h5ad", "--out", str(tmp_path / "run"), "--num-nodes", "2",
+            "--devices", "4", "--strategy", "ddp", "--no-progress"]
+    assert main(args) == 0
+    assert seen["num_nodes"] == 2 and seen["devices"] == 4 and seen["strategy"] == "ddp"

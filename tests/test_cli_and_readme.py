@@ -11,6 +11,9 @@ README = Path(__file__).parents[1] / "README.md"
 def test_readme_python_example_runs(tmp_path, monkeypatch):
     block = re.search(r"## In Python\s+```python\n(.*?)```", README.read_text(), re.S).group(1)
     monkeypatch.chdir(tmp_path)
+    # the example trains at the defaults; a short step budget keeps the test fast (the budget
+    # itself is specified in test_defaults.py)
+    monkeypatch.setattr("scvi_cellplm.model._base.get_max_steps_heuristic", lambda n, cells: 8)
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
     adata = namespace["adata"]

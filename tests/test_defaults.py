@@ -49,7 +49,7 @@ def test_step_budget_follows_data_size_within_bounds():
     assert steps == sorted(steps)
 
 
-def test_train_without_arguments_trains_the_step_budget_on_512_cell_random_sentences(pancreas, monkeypatch):
+def test_train_without_arguments_trains_the_step_budget_on_512_cell_random_sentences(small_pancreas, monkeypatch):
     import scvi_cellplm.model._base as base
 
     seen = {}
@@ -59,10 +59,10 @@ def test_train_without_arguments_trains_the_step_budget_on_512_cell_random_sente
         return 25
 
     monkeypatch.setattr(base, "get_max_steps_heuristic", budget)
-    CellPLM.setup_anndata(pancreas, layer="counts", batch_key="batch")
-    model = CellPLM(pancreas, **TINY)
+    CellPLM.setup_anndata(small_pancreas, layer="counts", batch_key="batch")
+    model = CellPLM(small_pancreas, **TINY)
     model.train(enable_progress_bar=False)
-    assert seen == {"n_cells": pytest.approx(0.9 * pancreas.n_obs, abs=3), "cells": 512}
+    assert seen == {"n_cells": pytest.approx(0.9 * small_pancreas.n_obs, abs=3), "cells": 512}
     splitter = model._data_splitter(512, 0.1, 0, "random")
     assert splitter.train_sentences == "random"
     batches = list(splitter.train_dataloader().sampler)

@@ -219,6 +219,7 @@ PRETRAIN_FLAGS = {
     "--platform-key": ("platform_key", str, "obs column of platforms"),
     "--accelerator": ("accelerator", str, "cpu | gpu | auto"),
     "--devices": ("devices", str, "number of devices, or auto"),
+    "--num-nodes": ("num_nodes", int, "machines in a multi-node DDP run (with torchrun or SLURM)"),
     "--strategy": ("strategy", str, "auto | ddp | ddp_spawn | ..."),
     "--precision": ("precision", str, "Lightning precision, e.g. 32-true, bf16-mixed"),
     "--checkpoint-every": ("checkpoint_every", int, "save a checkpoint every N steps"),
