@@ -73,8 +73,8 @@ TINY = {"n_hidden": 32, "n_layers": 1, "n_heads": 2, "n_latent": 8, "n_clusters"
 
 @pytest.fixture
 def trained_small(small_pancreas):
-    """A tiny CellPLM trained two epochs on ``small_pancreas`` (batch = sample)."""
+    """A tiny GMVAE CellPLM trained two epochs on ``small_pancreas`` (batch = sample)."""
     scvi_cellplm.CellPLM.setup_anndata(small_pancreas, layer="counts", batch_key="batch")
-    model = scvi_cellplm.CellPLM(small_pancreas, **TINY)
+    model = scvi_cellplm.CellPLM(small_pancreas, latent_distribution="gmvae", **TINY)
     model.train(max_epochs=2, enable_progress_bar=False)
     return model

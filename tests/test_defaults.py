@@ -161,3 +161,14 @@ def test_selected_vocabulary_survives_save_and_load(tmp_path):
     loaded = CellPLM.load(tmp_path / "m", adata)
     assert loaded.gene_vocabulary == model.gene_vocabulary
     assert np.allclose(loaded.get_latent_representation(), model.get_latent_representation(), atol=1e-6)
+
+
+def test_default_latent_is_a_vae_and_the_gmvae_stays_available(small_pancreas):
+    CellPLM.setup_anndata(small_pancreas, layer="counts", batch_key="batch")
+    model = CellPLM(small_pancreas, **TINY)
+    assert model.module.latent_distribution == "vae"
+    assert scvi_cellplm.SMALL_CPU["latent_distribution"] == "vae"  # the preset names the default
+    with pytest.raises(scvi_cellplm.InputDataError, match="gmvae"):
+        model.get_latent_representation(return_cluster_probs=True)
+    gmvae = CellPLM(small_pancreas, latent_distribution="gmvae", **TINY)
+    assert gmvae.get_latent_representation(return_cluster_probs=True).shape == (small_pancreas.n_obs, 4)

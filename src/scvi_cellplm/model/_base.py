@@ -61,7 +61,7 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
         n_latent: int = 32,
         n_decoder_layers: int = 2,
         n_clusters: int = 16,
-        latent_distribution: LatentDistribution = "gmvae",
+        latent_distribution: LatentDistribution = "vae",
         attention: AttentionKind = "flowformer",
         positional_encoding: PositionalEncodingKind = "none",
         norm: Norm = "layernorm",
