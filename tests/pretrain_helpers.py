@@ -6,10 +6,23 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
+import pytest
 import torch
 
 from scvi_cellplm.data import INDICES_KEY
 from scvi_cellplm.pretrain import PADDING_KEY
+
+FAST = {"accelerator": "cpu", "devices": 1, "progress_bar": False, "logger_kind": "none"}
+"""pretrain() keywords of a quick CPU run without logs (add ``model_kwargs``)."""
+
+
+@pytest.fixture
+def one_thread():
+    """The CI machine has 2 shared cores: one thread per process is faster and deterministic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class RecordCells(pl.Callback):

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, shared_file
+from pretrain_helpers import FAST as PRETRAIN_FAST
+from pretrain_helpers import one_thread  # noqa: F401  (fixture)
 from scipy import sparse
 
 from scvi_cellplm._exceptions import InputDataError
@@ -31,16 +33,11 @@ from scvi_cellplm.pretrain import (
     pretrain,
 )
 
-FAST = {"accelerator": "cpu", "devices": 1, "progress_bar": False, "logger_kind": "none", "model_kwargs": TINY}
+FAST = {**PRETRAIN_FAST, "model_kwargs": TINY}
 KEYS = {"gene_id_key": "gene_ids", "batch_key": "batch"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _subset(name: str, n_cells: int, n_genes: int, seed: int) -> ad.AnnData:

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 from conftest import TINY, shared_file
-from pretrain_helpers import Crash, CrashAt, RecordCells
+from pretrain_helpers import FAST as PRETRAIN_FAST
+from pretrain_helpers import Crash, CrashAt, RecordCells, one_thread  # noqa: F401  (fixture)
 from scipy import sparse
 
 from scvi_cellplm import CellPLM
@@ -26,17 +27,10 @@ from scvi_cellplm.pretrain import (
 )
 from scvi_cellplm.train import CellPLMTrainingPlan
 
-FAST = {"accelerator": "cpu", "devices": 1, "progress_bar": False, "logger_kind": "none",
-        "model_kwargs": TINY}
+FAST = {**PRETRAIN_FAST, "model_kwargs": TINY}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI machine has 2 shared cores: one thread per process is faster and deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _subset(path, n_cells: int, n_genes: int, seed: int) -> ad.AnnData:
