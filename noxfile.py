@@ -80,12 +80,13 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks on ../shared/data (CPU); prints tables of ratios against baselines."""
-    _install(session)
+    _install(session, extras="test,bench")
     for script in (
         "benchmarks/embedding_speed.py",
         "benchmarks/pretrain_memory.py",
         "benchmarks/streaming_inference.py",
         "benchmarks/downstream.py",
+        "benchmarks/quality.py",
     ):
         session.run("python", script, *session.posargs)
 
