@@ -140,8 +140,9 @@ def clustering_and_annotation(args, results: dict, seconds: dict) -> None:
         predictions["CellPLM"] = np.asarray(ann.predict(), dtype=str)[test]
         seconds["CellPLM"] += time.perf_counter() - start
         if not baselines:
-            for method, pred in predictions.items():
-                scores[method].append((accuracy_score(truth, pred), f1_score(truth, pred, average="macro")))
+            scores["CellPLM"].append((accuracy_score(truth, predictions["CellPLM"]),
+                                      f1_score(truth, predictions["CellPLM"], average="macro")))
+            log(f"held out {held_out}: CellPLM acc {scores['CellPLM'][-1][0]:.3f} F1 {scores['CellPLM'][-1][1]:.3f}")
             continue
         scvi.settings.seed = args.seed
         start = time.perf_counter()
