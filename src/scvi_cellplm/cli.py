@@ -63,6 +63,13 @@ def _demo(args: argparse.Namespace) -> int:
     console = Console()
     console.print(table)
     console.print("Leiden at resolution 1.0 for both; labels: obs['cell_type'].")
+    if result.ari < result.ari_pca:
+        console.print(
+            "CellPLM is behind PCA at this one resolution: Leiden splits its large beta-cell population "
+            "(872 of 1,937 cells) into several clusters. Scored over resolutions and with scib-metrics on "
+            "the same pancreas cells (3 seeds), CellPLM is ahead of PCA (total 0.73 vs 0.68, swept ARI 0.84 "
+            "vs 0.78) and level with scVI on bio conservation: docs/user_guide/quality.md."
+        )
     console.print(f"Wrote {result.h5ad} and {result.figure} in {result.seconds:.0f} s.")
     return 0
 
