@@ -172,3 +172,17 @@ def test_default_latent_is_a_vae_and_the_gmvae_stays_available(small_pancreas):
         model.get_latent_representation(return_cluster_probs=True)
     gmvae = CellPLM(small_pancreas, latent_distribution="gmvae", **TINY)
     assert gmvae.get_latent_representation(return_cluster_probs=True).shape == (small_pancreas.n_obs, 4)
+
+
+def test_pretraining_and_imputation_keep_every_gene_of_their_vocabulary():
+    """n_top_genes selects genes of a user AnnData only: a corpus keeps its whole vocabulary."""
+    import anndata as ad
+    from conftest import shared_file
+
+    from scvi_cellplm.pretrain import Corpus, build_model
+
+    pbmc = ad.read_h5ad(shared_file("pbmc3k_raw.h5ad"))[:64, :3000].copy()
+    pbmc.var_names_make_unique()
+    corpus = Corpus([pbmc], 64, gene_id_key="gene_ids")
+    model = build_model(corpus, dict(TINY))
+    assert len(model.gene_vocabulary) == corpus.n_genes > 2000

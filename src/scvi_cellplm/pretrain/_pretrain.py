@@ -139,6 +139,7 @@ def build_model(corpus: Corpus, model_kwargs: dict | None = None, preset: str = 
         CellPLM.setup_anndata(template)
     model = CellPLM(
         template,
+        gene_vocabulary=list(corpus.vocabulary),  # the corpus's vocabulary, never a selection of it
         max_cells_per_batch=max_cells_per_batch or corpus.max_cells,
         n_batch_embeddings=len(corpus.batch_categories),
         n_dataset_embeddings=len(corpus.dataset_names),

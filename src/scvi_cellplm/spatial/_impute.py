@@ -198,8 +198,10 @@ def impute_genes(
                               spatial_key=spatial_key)
     # centred input: panels are dense (every gene in every cell), where the uncentred embedding
     # collapses all cells onto one token and the imputation onto the mean profile
+    # every gene of the panel and the reference stays in the vocabulary (no n_top_genes selection):
+    # the genes to impute are read from the reference
     model_kwargs = {"latent_distribution": "vae", "max_cells_per_batch": 500, "center_input": True,
-                    **(model_kwargs or {})}
+                    "n_top_genes": None, **(model_kwargs or {})}
     model = CellPLM(joint, gene_likelihood=gene_likelihood, positional_encoding=positional_encoding,
                     n_spatial_neighbors=n_spatial_neighbors, **model_kwargs)
     train_kwargs = {"enable_progress_bar": False, **(train_kwargs or {})}
