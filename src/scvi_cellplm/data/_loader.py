@@ -240,6 +240,7 @@ class SentenceDataSplitter(pl.LightningDataModule):
         self.train_idx, self.val_idx = concat_sorted(train), concat_sorted(val)
         self.test_idx = np.array([], dtype=int)
         self.n_train, self.n_val = len(self.train_idx), len(self.val_idx)
+        self._train_loader: DataLoader | None = None
 
     def _loader(self, indices: np.ndarray, shuffle: bool) -> DataLoader:
         if shuffle and self.train_sentences == "random":
@@ -255,8 +256,14 @@ class SentenceDataSplitter(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Mini-batches of whole sentences of the training cells, reshuffled every epoch."""
-        return self._loader(self.train_idx, shuffle=True)
+        """Mini-batches of whole sentences of the training cells, reshuffled every epoch.
+
+        Built once (windowing a large sample costs a PCA or a graph cut): ``train`` asks for it
+        to count the steps of an epoch before Lightning does.
+        """
+        if self._train_loader is None:
+            self._train_loader = self._loader(self.train_idx, shuffle=True)
+        return self._train_loader
 
     def val_dataloader(self) -> DataLoader | list:
         """Mini-batches of whole sentences of the validation cells (``[]`` without any)."""
