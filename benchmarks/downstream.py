@@ -41,7 +41,7 @@ SHARED = Path(os.environ.get("CELLPLM_SHARED_DATA", ROOT / ".." / "shared" / "da
 PANCREAS = SHARED / "baron_human_pancreas.h5ad"
 PBMC = SHARED / "pbmc3k_raw.h5ad"
 
-# CellPLM at its defaults (`CellPLM(adata)`, `train()`: the step budget on 512-cell random
+# CellPLM at its defaults (`CellPLM(adata)`, `train()`: the step budget on 256-cell random
 # sentences); the annotator at its defaults (windows of 128 cells, 20 epochs)
 CELLPLM: dict = {}
 CELLPLM_EPOCHS = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import scvi_cellplm
+
 README = Path(__file__).parents[1] / "README.md"
 
 
@@ -17,7 +19,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
     adata = namespace["adata"]
-    assert adata.obsm["X_cellplm"].shape == (adata.n_obs, 32)
+    assert adata.obsm["X_cellplm"].shape == (adata.n_obs, scvi_cellplm.SMALL_CPU["n_latent"])
     assert adata.layers["cellplm_denoised"].shape == adata.shape
     assert (tmp_path / "cellplm_model" / "model.safetensors").exists()
     assert (tmp_path / "cellplm_model" / "metadata.json").exists()

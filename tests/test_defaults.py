@@ -1,9 +1,9 @@
 """Training defaults a user relies on: ``CellPLM(adata)`` then ``train()`` with no arguments.
 
 ``benchmarks/quality.py`` measures what these defaults give (docs/user_guide/quality.md); these
-tests pin down what they are: an optimisation budget in steps, training sentences of at most 512
-random cells drawn anew every epoch (inference still reads whole samples), and a vocabulary of
-the most variable genes when the data has many.
+tests pin down what they are: an optimisation budget in steps, training sentences of at most 256
+random cells drawn anew every epoch (inference still reads whole samples), a 10-dimensional VAE
+latent, and a vocabulary of the most variable genes when the data has many.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def test_step_budget_follows_data_size_within_bounds():
     assert steps == sorted(steps)
 
 
-def test_train_without_arguments_trains_the_step_budget_on_512_cell_random_sentences(small_pancreas, monkeypatch):
+def test_train_without_arguments_trains_the_step_budget_on_256_cell_random_sentences(small_pancreas, monkeypatch):
     import scvi_cellplm.model._base as base
 
     seen = {}
@@ -62,11 +62,11 @@ def test_train_without_arguments_trains_the_step_budget_on_512_cell_random_sente
     CellPLM.setup_anndata(small_pancreas, layer="counts", batch_key="batch")
     model = CellPLM(small_pancreas, **TINY)
     model.train(enable_progress_bar=False)
-    assert seen == {"n_cells": pytest.approx(0.9 * small_pancreas.n_obs, abs=3), "cells": 512}
-    splitter = model._data_splitter(512, 0.1, 0, "random")
+    assert seen == {"n_cells": pytest.approx(0.9 * small_pancreas.n_obs, abs=3), "cells": 256}
+    splitter = model._data_splitter(256, 0.1, 0, "random")
     assert splitter.train_sentences == "random"
     batches = list(splitter.train_dataloader().sampler)
-    assert max(sum(len(s) for s in b) for b in batches) <= 512
+    assert max(sum(len(s) for s in b) for b in batches) <= 256
     steps_per_epoch = len(batches)
     assert model.trainer.global_step == -(-25 // steps_per_epoch) * steps_per_epoch  # >= budget, whole epochs
     assert model.max_cells_per_batch == 4000  # inference keeps whole samples
@@ -163,15 +163,28 @@ def test_selected_vocabulary_survives_save_and_load(tmp_path):
     assert np.allclose(loaded.get_latent_representation(), model.get_latent_representation(), atol=1e-6)
 
 
-def test_default_latent_is_a_vae_and_the_gmvae_stays_available(small_pancreas):
+def test_default_latent_is_a_10_dimensional_vae_and_the_gmvae_stays_available(small_pancreas):
     CellPLM.setup_anndata(small_pancreas, layer="counts", batch_key="batch")
-    model = CellPLM(small_pancreas, **TINY)
+    model = CellPLM(small_pancreas)
     assert model.module.latent_distribution == "vae"
+    assert model.get_latent_representation().shape == (small_pancreas.n_obs, 10)  # scVI's n_latent
     assert scvi_cellplm.SMALL_CPU["latent_distribution"] == "vae"  # the preset names the default
+    assert scvi_cellplm.SMALL_CPU["n_latent"] == 10
     with pytest.raises(scvi_cellplm.InputDataError, match="gmvae"):
         model.get_latent_representation(return_cluster_probs=True)
     gmvae = CellPLM(small_pancreas, latent_distribution="gmvae", **TINY)
     assert gmvae.get_latent_representation(return_cluster_probs=True).shape == (small_pancreas.n_obs, 4)
+
+
+def test_kl_warm_up_can_span_the_whole_run(small_pancreas):
+    CellPLM.setup_anndata(small_pancreas, layer="counts", batch_key="batch")
+    model = CellPLM(small_pancreas, **TINY)
+    model.train(max_steps=9, enable_progress_bar=False)
+    assert model.trainer.lightning_module.n_steps_kl_warmup == 200  # the default: 200 steps
+    model.train(max_steps=9, enable_progress_bar=False, plan_kwargs={"n_steps_kl_warmup": "all"})
+    assert model.trainer.lightning_module.n_steps_kl_warmup == 9 == model.trainer.global_step
+    with pytest.raises(scvi_cellplm.InputDataError, match="n_steps_kl_warmup"):
+        model.train(max_steps=2, enable_progress_bar=False, plan_kwargs={"n_steps_kl_warmup": "half"})
 
 
 def test_pretraining_and_imputation_keep_every_gene_of_their_vocabulary():

@@ -390,7 +390,7 @@ def test_model_card_describes_the_model(pancreas_session):
                   "| ARI | 0.7123 |", "Baron et al. pancreas", "Wen, H.", "ICLR", "@inproceedings{Wen2024",
                   '"gene_id_key": "gene_ids"'):
         assert words in card, words
-    small = CellPLM(adata, n_hidden=128, n_layers=2, n_heads=4, n_latent=32)
+    small = CellPLM(adata)  # the defaults are the small preset
     assert "| preset | small |" in small.model_card("mit")
 
 

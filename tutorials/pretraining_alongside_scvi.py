@@ -77,7 +77,7 @@ adata.obs[["batch", "cell_type"]].value_counts().unstack("batch", fill_value=0)
 
 # %%
 scvi.model.SCVI.setup_anndata(adata, layer="counts", batch_key="batch")
-scvi_model = scvi.model.SCVI(adata, n_latent=32)
+scvi_model = scvi.model.SCVI(adata)  # n_latent=10, as CellPLM's default
 start = time.perf_counter()
 scvi_model.train(max_epochs=100, enable_progress_bar=False)
 seconds_scvi = time.perf_counter() - start

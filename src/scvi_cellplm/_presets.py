@@ -6,7 +6,7 @@ SMALL_CPU: dict = {
     "n_hidden": 128,
     "n_layers": 2,
     "n_heads": 4,
-    "n_latent": 32,
+    "n_latent": 10,
     "n_decoder_layers": 2,
     "n_clusters": 16,
     "latent_distribution": "vae",
@@ -16,9 +16,9 @@ SMALL_CPU: dict = {
 }
 """Default: a small model that pretrains on a laptop CPU in minutes.
 
-Its latent is a VAE (like the official ``20231027_85M`` checkpoint): on the quality benchmark
-(docs/user_guide/quality.md) it gave clearly better Leiden clusters than the paper's GMVAE prior,
-at a slightly lower scib-metrics total."""
+Its latent is a 10-dimensional VAE (scVI's latent size; the official ``20231027_85M`` checkpoint's
+prior): on the quality benchmark (docs/user_guide/quality.md) it gave better Leiden clusters than
+the paper's GMVAE prior and, with 256-cell training sentences, Leiden ARI level with scVI's."""
 
 PAPER: dict = {
     "n_hidden": 1024,

@@ -58,7 +58,7 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
         n_hidden: int = 128,
         n_layers: int = 2,
         n_heads: int = 4,
-        n_latent: int = 32,
+        n_latent: int = 10,
         n_decoder_layers: int = 2,
         n_clusters: int = 16,
         latent_distribution: LatentDistribution = "vae",
@@ -256,7 +256,7 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
         validation_size
             Fraction of each sample's cells held out for validation.
         max_cells_per_batch
-            Cell budget of a training sentence and mini-batch. Default: 512 for
+            Cell budget of a training sentence and mini-batch. Default: 256 for
             :class:`~scvi_cellplm.CellPLM` on data without coordinates (many optimisation steps;
             inference still reads whole samples up to the model's ``max_cells_per_batch``), the
             model's budget otherwise.

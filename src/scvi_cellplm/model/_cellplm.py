@@ -44,8 +44,8 @@ class CellPLM(LatentMixin, ExpressionMixin, OfficialCheckpointMixin, PretrainedM
     n_clusters
         Mixture components of the GMVAE prior.
     latent_distribution
-        ``"vae"`` (default; the official ``20231027_85M`` checkpoint's) or ``"gmvae"`` (the
-        paper's Gaussian-mixture prior, ``n_clusters`` components).
+        ``"gmvae"`` (default; the paper's Gaussian-mixture prior, ``n_clusters`` components) or
+        ``"vae"`` (the official ``20231027_85M`` checkpoint's standard normal prior).
     attention
         ``"flowformer"`` (linear cost, paper) or ``"sdpa"`` (softmax attention).
     positional_encoding
@@ -102,7 +102,7 @@ class CellPLM(LatentMixin, ExpressionMixin, OfficialCheckpointMixin, PretrainedM
     >>> adata.obsm["X_cellplm"] = model.get_latent_representation()
     """
 
-    _train_cells = 512  # training sentences (data without coordinates); see CellPLMBase.train
+    _train_cells = 256  # training sentences (data without coordinates); see CellPLMBase.train
     _train_sentences = "random"
 
     # ------------------------------------------------------------------ setup

@@ -43,7 +43,9 @@ class CellPLMTrainingPlan(TrainingPlan):
         "no position" encoding). Use it when spatial cells are trained with dissociated cells
         (imputation), so both kinds of cell are encoded into one latent space.
     n_epochs_kl_warmup, n_steps_kl_warmup
-        KL warm-up, as in :class:`scvi.train.TrainingPlan`.
+        KL warm-up, as in :class:`scvi.train.TrainingPlan`; ``n_steps_kl_warmup="all"``: over every
+        step of the run (the weight reaches 1 at the last step, as scVI's 400-epoch warm-up does
+        over its default 400 epochs). :class:`~scvi_cellplm.CellPLM` trains with ``"all"``.
     **kwargs
         Passed to :class:`scvi.train.TrainingPlan`.
     """
@@ -62,19 +64,22 @@ class CellPLMTrainingPlan(TrainingPlan):
         drop_cell_rate: float = 0.1,
         drop_position_rate: float = 0.0,
         n_epochs_kl_warmup: int | None = None,
-        n_steps_kl_warmup: int | None = 200,
+        n_steps_kl_warmup: int | Literal["all"] | None = 200,
         optimizer: Literal["AdamW"] = "AdamW",
         **kwargs,
     ) -> None:
+        if isinstance(n_steps_kl_warmup, str) and n_steps_kl_warmup != "all":
+            raise InputDataError(f"`n_steps_kl_warmup` must be an int, 'all' or None, got {n_steps_kl_warmup!r}.")
         super().__init__(
             module,
             optimizer=optimizer,
             lr=lr,
             weight_decay=weight_decay,
             n_epochs_kl_warmup=n_epochs_kl_warmup,
-            n_steps_kl_warmup=n_steps_kl_warmup,
+            n_steps_kl_warmup=None if n_steps_kl_warmup == "all" else n_steps_kl_warmup,
             **kwargs,
         )
+        self.kl_warmup_all = n_steps_kl_warmup == "all"
         for name, rate in (("mask_cell_rate", mask_cell_rate), ("mask_gene_rate", mask_gene_rate)):
             if not 0.0 <= rate < 1.0:
                 raise InputDataError(f"`{name}` must be in [0, 1), got {rate}.")
@@ -158,6 +163,8 @@ class CellPLMTrainingPlan(TrainingPlan):
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1) if self.trainer else 1
         warmup = min(self.n_steps_lr_warmup, max(total - 1, 0))
+        if self.kl_warmup_all:  # KL weight rises over the whole run, as scVI's 400-epoch warm-up
+            self.n_steps_kl_warmup = total
 
         def factor(step: int) -> float:
             if step < warmup:
