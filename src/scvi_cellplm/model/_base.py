@@ -296,6 +296,8 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
             defaults["weight_decay"] = 0.0
         plan = self._training_plan_cls(self.module, **{"lr": lr, **defaults, **(plan_kwargs or {})})
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1 if splitter.n_val else None)
+        # log each epoch's steps even when an epoch is shorter than Lightning's 10-step interval
+        trainer_kwargs.setdefault("log_every_n_steps", max(min(10, len(splitter.train_dataloader())), 1))
         if splitter.n_val == 0:
             trainer_kwargs.setdefault("limit_val_batches", 0)
         runner = TrainRunner(
