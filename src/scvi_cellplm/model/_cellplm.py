@@ -44,8 +44,8 @@ class CellPLM(LatentMixin, ExpressionMixin, OfficialCheckpointMixin, PretrainedM
     n_clusters
         Mixture components of the GMVAE prior.
     latent_distribution
-        ``"gmvae"`` (default; the paper's Gaussian-mixture prior, ``n_clusters`` components) or
-        ``"vae"`` (the official ``20231027_85M`` checkpoint's standard normal prior).
+        ``"vae"`` (default; the official ``20231027_85M`` checkpoint's standard normal prior) or
+        ``"gmvae"`` (the paper's Gaussian-mixture prior, ``n_clusters`` components).
     attention
         ``"flowformer"`` (linear cost, paper) or ``"sdpa"`` (softmax attention).
     positional_encoding

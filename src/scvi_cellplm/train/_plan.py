@@ -45,7 +45,7 @@ class CellPLMTrainingPlan(TrainingPlan):
     n_epochs_kl_warmup, n_steps_kl_warmup
         KL warm-up, as in :class:`scvi.train.TrainingPlan`; ``n_steps_kl_warmup="all"``: over every
         step of the run (the weight reaches 1 at the last step, as scVI's 400-epoch warm-up does
-        over its default 400 epochs). :class:`~scvi_cellplm.CellPLM` trains with ``"all"``.
+        over its default 400 epochs). Default: 200 steps.
     **kwargs
         Passed to :class:`scvi.train.TrainingPlan`.
     """
