@@ -283,8 +283,8 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
         if train_sentences is None:
             train_sentences = "windows" if spatial else self._train_sentences
         splitter = self._data_splitter(max_cells_per_batch, validation_size, seed, train_sentences)
+        steps_per_epoch = max(len(splitter.train_dataloader()), 1)
         if max_epochs is None:
-            steps_per_epoch = max(len(splitter.train_dataloader()), 1)
             steps = trainer_kwargs.get("max_steps", -1)
             if steps is None or steps < 0:
                 steps = get_max_steps_heuristic(splitter.n_train, max_cells_per_batch)
@@ -297,7 +297,7 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
         plan = self._training_plan_cls(self.module, **{"lr": lr, **defaults, **(plan_kwargs or {})})
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1 if splitter.n_val else None)
         # log each epoch's steps even when an epoch is shorter than Lightning's 10-step interval
-        trainer_kwargs.setdefault("log_every_n_steps", max(min(10, len(splitter.train_dataloader())), 1))
+        trainer_kwargs.setdefault("log_every_n_steps", min(10, steps_per_epoch))
         if splitter.n_val == 0:
             trainer_kwargs.setdefault("limit_val_batches", 0)
         runner = TrainRunner(
