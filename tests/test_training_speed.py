@@ -8,8 +8,21 @@ import pytest
 import torch
 from conftest import TINY
 
-from scvi_cellplm.module import CellPLMModule, sample_input_mask
+from scvi_cellplm.module import CellPLMModule, embedder, sample_input_mask
+from scvi_cellplm.module import _loss as loss_module
 from scvi_cellplm.module._loss import DECODER_HIDDEN_KEY
+
+
+@pytest.fixture(params=["by density", "gathered non-zeros", "every entry"])
+def nonzero_path(request, monkeypatch):
+    """Run a test with the fast step's choice by density, and forced to each of its two ways of
+    handling non-zeros (bags of non-zeros / gathered lgamma, or one dense product / lgamma on
+    every entry): all must give the dense reference."""
+    if request.param != "by density":
+        forced = 1.0 if request.param == "gathered non-zeros" else 0.0
+        monkeypatch.setattr(embedder, "BAG_DENSITY", forced)
+        monkeypatch.setattr(loss_module, "GATHER_DENSITY", forced)
+    return request.param
 
 
 def _module(n_genes=60, panels=None, **kwargs):
@@ -58,7 +71,7 @@ def _assert_same_step(module, tensors, mask):
 
 
 @pytest.mark.parametrize("masked", [True, False])
-def test_sparse_loss_equals_dense_loss_and_gradients(masked):
+def test_sparse_loss_equals_dense_loss_and_gradients(masked, nonzero_path):
     """Every entry measured (a model trained on an AnnData's own genes): the same loss, terms and
     gradients as the dense formula, with and without masking."""
     module = _module()
@@ -67,7 +80,7 @@ def test_sparse_loss_equals_dense_loss_and_gradients(masked):
     _assert_same_step(module, tensors, mask)
 
 
-def test_sparse_loss_equals_dense_loss_with_panels_and_gene_index():
+def test_sparse_loss_equals_dense_loss_with_panels_and_gene_index(nonzero_path):
     """Several datasets with different (overlapping) panels in one mini-batch, input columns
     outside the vocabulary (gene_index -1): the same loss and gradients."""
     gen = torch.Generator().manual_seed(5)
@@ -86,7 +99,7 @@ def test_sparse_loss_equals_dense_loss_with_panels_and_gene_index():
     _assert_same_step(module, tensors, mask)
 
 
-def test_sparse_loss_edge_cases():
+def test_sparse_loss_edge_cases(nonzero_path):
     """No masked cell, no masked-term weight: the same terms as the dense formula."""
     tensors = _tensors()
     none_masked = torch.zeros(50, 60, dtype=torch.bool)
@@ -112,7 +125,7 @@ def test_unmeasured_genes_get_no_gradient_from_the_sparse_loss():
     assert grads["embedder.gene_table"][:40].abs().sum() > 0
 
 
-def test_embedding_bag_expression_equals_dense_product():
+def test_embedding_bag_expression_equals_dense_product(nonzero_path):
     """The training embedder (bags of the shown non-zeros) equals log1p(masked x) @ table."""
     module = _module()
     tensors = _tensors()

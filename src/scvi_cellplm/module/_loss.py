@@ -11,7 +11,7 @@ and matched to their observed library. Computed naively this costs several passe
   of its weight only);
 - a zero count's negative log-likelihood is ``theta * (log(theta + mu) - log(theta))``: one
   ``log`` per entry; ``lgamma`` (and its ``digamma`` backward) only at the non-zero entries,
-  gathered.
+  gathered (on every entry when most are non-zero: :data:`GATHER_DENSITY`).
 
 The training step's generative pass hands the loss the decoder's hidden layer
 (:data:`DECODER_HIDDEN_KEY`) instead of the dense means when :attr:`CellPLMModule.sparse_loss` is
@@ -27,6 +27,11 @@ DECODER_HIDDEN_KEY = "px_hidden"
 
 EPS = 1e-8
 """The ``eps`` of :func:`scvi.distributions._negative_binomial.log_nb_positive`."""
+
+GATHER_DENSITY = 0.25
+"""Up to this fraction of non-zeros, the ``lgamma`` terms are computed on the gathered non-zeros;
+above it on every entry (they vanish at zeros), which is cheaper than the gather and its scatter
+backward (one CPU core, 192 cells x 2,000 genes: 7 vs 15 ms at 9% non-zeros, 23 vs 12 ms at 50%)."""
 
 
 def nb_recon_terms(
@@ -120,6 +125,8 @@ def _nb_nll_dense(
         total = log_theta_mu.sum(dim=0) @ theta - x.shape[0] * (theta @ torch.log(theta + EPS))
     else:
         total = (weight * log_theta_mu).sum(dim=0) @ theta - weight.sum(dim=0) @ (theta * torch.log(theta + EPS))
+    if int(x.count_nonzero()) > GATHER_DENSITY * x.numel():  # dense cells: every entry (0 at zeros)
+        return total + _nonzero_part(x, mu, log_theta_mu, theta)
     rows, cols = (x != 0).nonzero(as_tuple=True)  # x is 0 off the entries
     return total + _nonzero_part(x[rows, cols], mu[rows, cols], log_theta_mu[rows, cols], theta[cols])
 
