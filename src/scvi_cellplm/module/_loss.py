@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .embedder import denser_than
+
 DECODER_HIDDEN_KEY = "px_hidden"
 """Generative output (training only): the input of the decoder's output layer, for the loss."""
 
@@ -125,7 +127,7 @@ def _nb_nll_dense(
         total = log_theta_mu.sum(dim=0) @ theta - x.shape[0] * (theta @ torch.log(theta + EPS))
     else:
         total = (weight * log_theta_mu).sum(dim=0) @ theta - weight.sum(dim=0) @ (theta * torch.log(theta + EPS))
-    if int(x.count_nonzero()) > GATHER_DENSITY * x.numel():  # dense cells: every entry (0 at zeros)
+    if denser_than(x, GATHER_DENSITY):  # dense cells: every entry (0 at zeros)
         return total + _nonzero_part(x, mu, log_theta_mu, theta)
     rows, cols = (x != 0).nonzero(as_tuple=True)  # x is 0 off the entries
     return total + _nonzero_part(x[rows, cols], mu[rows, cols], log_theta_mu[rows, cols], theta[cols])
