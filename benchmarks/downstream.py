@@ -210,7 +210,10 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--cellplm-only", action="store_true",
                         help="CellPLM rows only (compare with an earlier full run)")
+    parser.add_argument("--cellplm-model", type=json.loads, default={},
+                        help='JSON kwargs of CellPLM() on top of the defaults, e.g. \'{"n_latent": 32}\'')
     args = parser.parse_args()
+    CELLPLM.update(args.cellplm_model)
     if not PANCREAS.exists() or not PBMC.exists():
         print(f"needs {PANCREAS} and {PBMC} (the shared data folder)")
         return 1
