@@ -179,16 +179,16 @@ class GeneEmbedder(nn.Module):
         :data:`BAG_DENSITY` non-zeros, the dense product of the masked counts instead. Equal to
         :meth:`expression` of ``x.masked_fill(hide, 0)`` up to float rounding (used in training).
         """
+        if denser_than(x, BAG_DENSITY):  # dense cells: one product
+            return self.expression(x if hide is None else x.masked_fill(hide, 0.0), gene_index, keep)
         with torch.autocast(x.device.type, enabled=False):
-            table = self.table_for(gene_index, keep).float()
-            if denser_than(x, BAG_DENSITY):  # dense cells: one product
-                return log1p_matmul(x if hide is None else x.masked_fill(hide, 0.0), table)
             rows, cols = x.nonzero(as_tuple=True)  # row-major: the bags in order
             if hide is not None:
                 shown = ~hide[rows, cols]
                 rows, cols = rows[shown], cols[shown]
             counts = torch.bincount(rows, minlength=x.shape[0])
             offsets = counts.cumsum(0) - counts
+            table = self.table_for(gene_index, keep).float()
             return F.embedding_bag(cols, table, offsets, mode="sum",
                                    per_sample_weights=torch.log1p(x[rows, cols].float()))
 
