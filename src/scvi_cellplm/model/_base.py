@@ -294,6 +294,9 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
         defaults = dict(self._plan_defaults)
         if any(not p.requires_grad for p in self.module.parameters()):
             defaults["weight_decay"] = 0.0
+            defaults.pop("batch_adversarial_weight", None)  # a query model keeps the reference's latent
+        if not self.batch_in_decoder:  # a latent without batch needs a decoder with it
+            defaults.pop("batch_adversarial_weight", None)
         plan = self._training_plan_cls(self.module, **{"lr": lr, **defaults, **(plan_kwargs or {})})
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1 if splitter.n_val else None)
         # log each epoch's steps even when an epoch is shorter than Lightning's 10-step interval

@@ -151,6 +151,7 @@ class CellPLMModule(BaseModuleClass):
                 )
         self.register_buffer("input_center", input_center)
         self.n_genes = n_genes
+        self.n_batch = n_batch
         self.n_latent = n_latent
         self.latent_distribution = latent_distribution
         self.positional_encoding = positional_encoding

@@ -8,10 +8,11 @@ from typing import Literal
 import torch
 from scvi.train import TrainingPlan
 
-from .._constants import DATA_KEYS, REGISTRY_KEYS
+from .._constants import DATA_KEYS, MODULE_KEYS, REGISTRY_KEYS
 from .._exceptions import InputDataError
 from ..module import dense
 from ..module.masking import sample_input_mask, sample_kept_cells
+from ._adversary import BatchAdversary
 
 
 class CellPLMTrainingPlan(TrainingPlan):
@@ -46,6 +47,12 @@ class CellPLMTrainingPlan(TrainingPlan):
         KL warm-up, as in :class:`scvi.train.TrainingPlan`; ``n_steps_kl_warmup="all"``: over every
         step of the run (the weight reaches 1 at the last step, as scVI's 400-epoch warm-up does
         over its default 400 epochs). Default: 200 steps.
+    batch_adversarial_weight
+        Weight of a batch adversary on the latent (:class:`~scvi_cellplm.train.BatchAdversary`,
+        training steps only): a classifier learns each cell's batch from its latent mean while
+        the encoder, through gradient reversal, learns to hide it. Active when the module decodes
+        with at least 2 batch categories. ``0`` (default here; :class:`~scvi_cellplm.CellPLM`
+        trains with its own default): none.
     **kwargs
         Passed to :class:`scvi.train.TrainingPlan`.
     """
@@ -65,6 +72,7 @@ class CellPLMTrainingPlan(TrainingPlan):
         drop_position_rate: float = 0.0,
         n_epochs_kl_warmup: int | None = None,
         n_steps_kl_warmup: int | Literal["all"] | None = 200,
+        batch_adversarial_weight: float = 0.0,
         optimizer: Literal["AdamW"] = "AdamW",
         **kwargs,
     ) -> None:
@@ -88,6 +96,12 @@ class CellPLMTrainingPlan(TrainingPlan):
         if not 0.0 <= drop_cell_rate < 1.0:
             raise InputDataError(f"`drop_cell_rate` must be in [0, 1), got {drop_cell_rate}.")
         self.n_steps_lr_warmup = n_steps_lr_warmup
+        if batch_adversarial_weight < 0:
+            raise InputDataError(f"`batch_adversarial_weight` must be >= 0, got {batch_adversarial_weight}.")
+        n_batch = int(getattr(module, "n_batch", 0))
+        self.batch_adversarial_weight = batch_adversarial_weight
+        self.batch_adversary = (BatchAdversary(module.n_latent, n_batch)
+                                if batch_adversarial_weight > 0 and n_batch > 1 else None)
         self.lr_min_ratio = lr_min_ratio
         self.mask_cell_rate = mask_cell_rate
         self.mask_gene_rate = mask_gene_rate
@@ -126,11 +140,15 @@ class CellPLMTrainingPlan(TrainingPlan):
         batch, mask = self._corrupt(batch, drop_cells=mode == "train")
         if mode == "train":
             self.loss_kwargs["kl_weight"] = self.kl_weight
-        _, _, out = self.forward(
+        inference, _, out = self.forward(
             batch,
             inference_kwargs={"input_mask": mask},
             loss_kwargs={**self.loss_kwargs, "input_mask": mask},
         )
+        if self.batch_adversary is not None and mode == "train":
+            adversarial = self.batch_adversary(inference[MODULE_KEYS.QZM_KEY], batch[REGISTRY_KEYS.BATCH_KEY])
+            out.loss = out.loss + self.batch_adversarial_weight * adversarial
+            out.extra_metrics["batch_adversary"] = adversarial.detach()
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
                 f"CellPLM {mode} loss became {out.loss.item()} at step {self.global_step}. "
@@ -160,6 +178,8 @@ class CellPLMTrainingPlan(TrainingPlan):
     def configure_optimizers(self):
         """AdamW with linear warm-up and cosine decay per step."""
         params = [p for p in self.module.parameters() if p.requires_grad]
+        if self.batch_adversary is not None:
+            params += list(self.batch_adversary.parameters())
         # the fused kernel: one pass over all parameters (CPU: 0.9 vs 4.2 ms a step for the small preset)
         fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32
                                      for p in params)
