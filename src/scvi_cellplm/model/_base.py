@@ -295,10 +295,12 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
             logger.info("Training for %d epochs of %d steps (sentences of at most %d cells): %d steps.",
                         max_epochs, steps_per_epoch, max_cells_per_batch, max_epochs * steps_per_epoch)
         defaults = dict(self._plan_defaults)
-        if any(not p.requires_grad for p in self.module.parameters()):
+        frozen = any(not p.requires_grad for p in self.module.parameters())
+        if frozen:
             defaults["weight_decay"] = 0.0
-            defaults.pop("batch_adversarial_weight", None)  # a query model keeps the reference's latent
-        if not self.batch_in_decoder:  # a latent without batch needs a decoder with it
+        # no batch adversary for a query model (it keeps the reference's latent) or a decoder
+        # without batch (a latent without batch needs a decoder with it)
+        if frozen or not self.batch_in_decoder:
             defaults.pop("batch_adversarial_weight", None)
         plan = self._training_plan_cls(self.module, **{"lr": lr, **defaults, **(plan_kwargs or {})})
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1 if splitter.n_val else None)

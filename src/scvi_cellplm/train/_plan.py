@@ -98,7 +98,7 @@ class CellPLMTrainingPlan(TrainingPlan):
         self.n_steps_lr_warmup = n_steps_lr_warmup
         if batch_adversarial_weight < 0:
             raise InputDataError(f"`batch_adversarial_weight` must be >= 0, got {batch_adversarial_weight}.")
-        n_batch = int(getattr(module, "n_batch", 0))
+        n_batch = int(getattr(module, "n_batch", 0))  # the head modules (classifier, perturbation) have none
         self.batch_adversarial_weight = batch_adversarial_weight
         self.batch_adversary = (BatchAdversary(module.n_latent, n_batch)
                                 if batch_adversarial_weight > 0 and n_batch > 1 else None)
