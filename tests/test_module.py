@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from scvi_cellplm import InputDataError
 from scvi_cellplm.module import (
     CellPLMModule,
     FlowAttention,
@@ -193,6 +194,39 @@ def test_vae_and_gmvae_sample_only_in_training():
         a = layer(h, sample=False)["z"]
         torch.testing.assert_close(a, layer(h, sample=False)["z"], rtol=0, atol=0)
         assert not torch.allclose(layer(h, sample=True)["z"], a)
+
+
+def test_gmvae_embedding_is_the_posterior_mean_over_its_mixture():
+    """Default: sum over clusters of q(y|h) times E[z|h,y]; "cluster": E[z|h,y] at the most likely y."""
+    torch.manual_seed(0)
+    layer, h = GMVAELatent(12, 4, 3).eval(), torch.randn(7, 12)
+    out = layer(h, sample=False)
+    means = torch.stack([
+        layer.mean(torch.relu(layer.hidden(torch.cat([h, torch.eye(3)[k].expand(7, 3)], 1)))) for k in range(3)
+    ], 1)
+    probs = out["cluster_probs"]
+    torch.testing.assert_close(out["qzm"], (probs.unsqueeze(-1) * means).sum(1))
+    torch.testing.assert_close(out["z"], out["qzm"])
+    assert (out["qzv"] >= 0).all()
+    layer.embedding = "cluster"
+    torch.testing.assert_close(layer(h, sample=False)["qzm"], means[torch.arange(7), probs.argmax(1)])
+    with pytest.raises(InputDataError, match="gmvae_embedding"):
+        GMVAELatent(12, 4, 3, embedding="mode")
+
+
+def test_gmvae_mean_embedding_moves_smoothly_between_clusters():
+    """Along a path between two cells, the mean embedding has no jump where the cluster changes."""
+    torch.manual_seed(0)
+    layer = GMVAELatent(12, 4, 3).eval()
+    a, b = 3 * torch.randn(12), 3 * torch.randn(12)
+    path = torch.stack([a + t * (b - a) for t in torch.linspace(0, 1, 401)])
+    with torch.no_grad():
+        assert layer(path, sample=False)["cluster_probs"].argmax(1).unique().numel() > 1  # crosses a boundary
+    for rule, bounded in (("mean", True), ("cluster", False)):
+        layer.embedding = rule
+        with torch.no_grad():
+            steps = layer(path, sample=False)["qzm"].diff(dim=0).norm(dim=1)
+        assert (steps.max() < 5 * steps.median()) == bounded, rule
 
 
 def test_input_mask_rates_per_sentence():

@@ -64,6 +64,15 @@ def test_old_cellplm_loads_with_its_saved_anndata_and_gives_the_old_embedding():
                                atol=ATOL, rtol=0)
 
 
+def test_old_gmvae_keeps_its_most_likely_cluster_embedding_after_saving_again(tmp_path):
+    """Files from before the mixture-mean default keep the rule they were made with."""
+    model = CellPLM.load(str(OLD / "cellplm"))
+    assert model.module.latent_distribution == "gmvae"
+    assert model.module.latent.embedding == "cluster"
+    model.save(str(tmp_path / "new"))
+    assert CellPLM.load(str(tmp_path / "new"), adata=saved_adata("cellplm")).module.latent.embedding == "cluster"
+
+
 def test_old_cellplm_gives_the_old_normalized_expression():
     model = CellPLM.load(str(OLD / "cellplm"))
     normalized = model.get_normalized_expression(library_size=1e4, return_numpy=True)

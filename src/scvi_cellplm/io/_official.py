@@ -175,6 +175,8 @@ def config_to_kwargs(config: dict) -> dict[str, Any]:
         "kl_free_bits": float(config.get("lamda", 0.5)) if latent == "gmvae" else 1.0,
         "gmvae_gaussian_weight": float(config.get("w_li", 1.0)),
         "gmvae_categorical_weight": float(config.get("w_en", 1.0)),
+        # parity: the official GMVAE embeds a cell with one cluster (compared at the most likely one)
+        "gmvae_embedding": "cluster",
     }
 
 

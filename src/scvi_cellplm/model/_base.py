@@ -25,7 +25,7 @@ from ..data._statistics import log1p_means, measured_genes, to_vocabulary
 from ..module import CellPLMModule
 from ..module._norm import Norm
 from ..module.attention import AttentionKind
-from ..module.latent import LatentDistribution
+from ..module.latent import GMVAEEmbedding, LatentDistribution
 from ..module.positional import PositionalEncodingKind
 from ..train import CellPLMTrainingPlan, get_max_steps_heuristic
 from . import _saving
@@ -62,6 +62,7 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
         n_decoder_layers: int = 2,
         n_clusters: int = 16,
         latent_distribution: LatentDistribution = "vae",
+        gmvae_embedding: GMVAEEmbedding = "mean",
         attention: AttentionKind = "flowformer",
         positional_encoding: PositionalEncodingKind = "none",
         norm: Norm = "layernorm",
@@ -148,6 +149,7 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
             n_decoder_layers=n_decoder_layers,
             n_clusters=n_clusters,
             latent_distribution=latent_distribution,
+            gmvae_embedding=gmvae_embedding,
             attention=attention,
             positional_encoding=positional_encoding,
             n_spatial_dims=max(int(n_spatial), 2),

@@ -46,6 +46,10 @@ class CellPLM(LatentMixin, ExpressionMixin, OfficialCheckpointMixin, PretrainedM
     latent_distribution
         ``"vae"`` (default; the official ``20231027_85M`` checkpoint's standard normal prior) or
         ``"gmvae"`` (the paper's Gaussian-mixture prior, ``n_clusters`` components).
+    gmvae_embedding
+        The GMVAE's cell embedding: ``"mean"`` (default), the posterior mean over its mixture
+        components, or ``"cluster"``, the mean of the most likely component (official checkpoints,
+        whose embeddings it reproduces; it jumps between components for cells between clusters).
     attention
         ``"flowformer"`` (linear cost, paper) or ``"sdpa"`` (softmax attention).
     positional_encoding

@@ -32,7 +32,7 @@ INT_PARAMS = {
 }
 FLOAT_PARAMS = {"dropout": (0.0, 1.0), "target_sum": (1e-12, 1e12), "kl_free_bits": (0.0, 1e6),
                 "gmvae_gaussian_weight": (0.0, 1e6), "gmvae_categorical_weight": (0.0, 1e6)}
-STR_PARAMS = ("latent_distribution", "attention", "positional_encoding", "norm", "gene_likelihood")
+STR_PARAMS = ("latent_distribution", "gmvae_embedding", "attention", "positional_encoding", "norm", "gene_likelihood")
 BOOL_PARAMS = ("batch_in_decoder", "center_input", "freeze_encoder", "zero_perturbed_genes",
                "embed_shared_genes")
 # lists of names: must the names be distinct?
@@ -76,7 +76,7 @@ def check_metadata(metadata: dict, path: str) -> None:
                     non_empty=False)
     if "is_trained_" in metadata:
         check_bool(metadata["is_trained_"], "is_trained_", where)
-    for key in ("weights_file", "weights_id"):  # metadata.json only: which weights it belongs to
+    for key in ("weights_file", "weights_id", "gmvae_embedding"):  # absent from files of earlier versions
         check_str(metadata.get(key), key, where, optional=True)
     check_init_params(metadata["init_params_"], where)
     check_registry(metadata["registry_"], where)

@@ -243,6 +243,7 @@ def save_model(model, dir_path: str, prefix, overwrite: bool, save_anndata: bool
         "var_names": [str(v) for v in model._registered_var().index],
         "gene_vocabulary": list(model.gene_vocabulary),
         "decoder_batch_categories": list(model.decoder_batch_categories_),
+        "gmvae_embedding": model.backbone_kwargs_["gmvae_embedding"],
         "weights_file": os.path.basename(files.weights),
         "weights_id": weights_id,
     }
@@ -338,6 +339,8 @@ def load_model(cls, dir_path, adata, accelerator, device, prefix, overrides: dic
     manager = _attach(cls, adata, registry)
     try:
         kwargs = init_kwargs(metadata)
+        # files of earlier versions (no such key) embed a GMVAE with its most likely cluster
+        kwargs.setdefault("gmvae_embedding", metadata.get("gmvae_embedding", "cluster"))
         kwargs["gene_vocabulary"] = saved_vocabulary(metadata, manager)
         kwargs.update(table_sizes(state, "backbone." if any(k.startswith("backbone.") for k in state) else ""))
         kwargs.update(cls._load_kwargs(metadata, registry))

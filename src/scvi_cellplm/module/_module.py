@@ -17,7 +17,7 @@ from .attention import AttentionKind
 from .decoder import NBDecoder
 from .embedder import GeneEmbedder, csr_row_chunks
 from .encoder import CellEncoder
-from .latent import LatentDistribution, make_latent
+from .latent import GMVAEEmbedding, LatentDistribution, make_latent
 from .neighbourhood import NeighbourhoodAttention
 from .positional import PositionalEncoding, PositionalEncodingKind
 
@@ -54,6 +54,9 @@ class CellPLMModule(BaseModuleClass):
         Mixture components of the GMVAE prior.
     latent_distribution
         ``"gmvae"`` (paper) or ``"vae"``.
+    gmvae_embedding
+        The GMVAE's embedding: ``"mean"`` over its mixture or ``"cluster"`` (official checkpoints);
+        see :class:`~.latent.GMVAELatent`.
     attention
         ``"flowformer"`` (linear cost, paper) or ``"sdpa"`` (softmax attention).
     positional_encoding
@@ -115,6 +118,7 @@ class CellPLMModule(BaseModuleClass):
         n_decoder_hidden: int | None = None,
         n_clusters: int = 16,
         latent_distribution: LatentDistribution = "gmvae",
+        gmvae_embedding: GMVAEEmbedding = "mean",
         attention: AttentionKind = "flowformer",
         positional_encoding: PositionalEncodingKind = "none",
         n_spatial_dims: int = 2,
@@ -174,7 +178,7 @@ class CellPLMModule(BaseModuleClass):
             else None
         )
         self.encoder = CellEncoder(n_hidden, n_layers, n_heads, attention=attention, dropout=dropout)
-        self.latent = make_latent(latent_distribution, n_hidden, n_latent, n_clusters)
+        self.latent = make_latent(latent_distribution, n_hidden, n_latent, n_clusters, gmvae_embedding)
         self.decoder = NBDecoder(
             n_latent,
             n_decoder_hidden or n_hidden,

@@ -1,7 +1,8 @@
 """Latent layers: a Gaussian VAE and a Gaussian-mixture VAE (GMVAE) with a learned prior.
 
-Both are deterministic in evaluation (posterior mean; for the GMVAE, the most likely cluster),
-unlike the official code whose GMVAE draws a Gumbel sample even in ``eval()``.
+Both are deterministic in evaluation (the posterior mean; for the GMVAE, the mean over its
+mixture components, or the mean of the most likely component as in official checkpoints), unlike
+the official code whose GMVAE draws a Gumbel sample even in ``eval()``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from .._exceptions import InputDataError
 
 LatentDistribution = Literal["gmvae", "vae"]
+GMVAEEmbedding = Literal["mean", "cluster"]
 
 
 def _log_normal(x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -53,12 +55,21 @@ class GMVAELatent(nn.Module):
         Mixture components.
     n_cluster_hidden
         Width of the hidden layer of ``q(z|h,y)`` (512 in the official checkpoints).
+    embedding
+        The deterministic embedding (evaluation): ``"mean"``, the posterior mean of ``z``,
+        ``sum_y q(y|h) E[z|h,y]``, which moves smoothly as a cell's cluster probabilities change;
+        or ``"cluster"``, ``E[z|h,y]`` of the most likely cluster ``y`` (official checkpoints: the
+        parity guarantee), which jumps where two clusters are about equally likely.
     """
 
     def __init__(
-        self, n_hidden: int, n_latent: int, n_clusters: int, n_cluster_hidden: int = 512
+        self, n_hidden: int, n_latent: int, n_clusters: int, n_cluster_hidden: int = 512,
+        embedding: GMVAEEmbedding = "mean",
     ) -> None:
         super().__init__()
+        if embedding not in ("mean", "cluster"):
+            raise InputDataError(f"`gmvae_embedding` must be 'mean' or 'cluster', got {embedding!r}.")
+        self.embedding = embedding
         self.n_clusters = n_clusters
         self.cluster_logits = nn.Linear(n_hidden, n_clusters)
         self.hidden = nn.Linear(n_hidden + n_clusters, n_cluster_hidden)
@@ -73,7 +84,7 @@ class GMVAELatent(nn.Module):
         """``z``, ``qzm``, ``qzv``, ``cluster_probs`` and the KL terms ``kl_gaussian``, ``kl_categorical``.
 
         With ``sample``, a relaxed (Gumbel-softmax) cluster at ``temperature`` and a posterior sample;
-        else the most likely cluster and the posterior mean.
+        else the most likely cluster for the loss terms, and ``z = qzm`` by the ``embedding`` rule.
         """
         logits = self.cluster_logits(h)
         probs = F.softmax(logits, dim=-1)
@@ -91,6 +102,9 @@ class GMVAELatent(nn.Module):
         categorical = (probs * F.log_softmax(logits, dim=-1)).sum(-1).mean() + math.log(
             self.n_clusters
         )
+        if not sample and self.embedding == "mean":
+            z, var = self._mixture_moments(h, probs)
+            mu = z
         return {
             "z": z,
             "qzm": mu,
@@ -100,13 +114,25 @@ class GMVAELatent(nn.Module):
             "kl_categorical": categorical,
         }
 
+    def _mixture_moments(self, h: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of ``z`` under ``q(z|h) = sum_y q(y|h) q(z|h,y)``: every component at once."""
+        n_in = h.shape[1]
+        weight = self.hidden.weight  # (hidden, n_hidden + n_clusters): [h, one-hot y] inputs
+        shared = F.linear(h, weight[:, :n_in], self.hidden.bias)
+        hidden = F.relu(shared.unsqueeze(1) + weight[:, n_in:].T.unsqueeze(0))  # (cells, clusters, hidden)
+        means, variances = self.mean(hidden), F.softplus(self.var(hidden))
+        p = probs.unsqueeze(-1)
+        mean = (p * means).sum(1)
+        return mean, ((p * (variances + means**2)).sum(1) - mean**2).clamp(min=0.0)
+
 
 def make_latent(
-    kind: LatentDistribution, n_hidden: int, n_latent: int, n_clusters: int
+    kind: LatentDistribution, n_hidden: int, n_latent: int, n_clusters: int,
+    gmvae_embedding: GMVAEEmbedding = "mean",
 ) -> nn.Module:
     """Latent layer called ``kind``."""
     if kind == "gmvae":
-        return GMVAELatent(n_hidden, n_latent, n_clusters)
+        return GMVAELatent(n_hidden, n_latent, n_clusters, embedding=gmvae_embedding)
     if kind == "vae":
         return VAELatent(n_hidden, n_latent)
     raise InputDataError(f"`latent_distribution` must be 'gmvae' or 'vae', got {kind!r}.")
