@@ -63,6 +63,21 @@ def test_annotator_save_load_and_query_without_labels(trained_small, small_pancr
     np.testing.assert_array_equal(np.asarray(loaded.predict()), np.asarray(pred))
 
 
+def test_annotator_loss_weighs_rare_labels_up_by_default(trained_small, small_pancreas):
+    """Default class_balance=0.5: weight (n / (K n_k)) ** 0.5 per label; 0 is the plain cross-entropy."""
+    ann = CellPLMAnnotator.from_cellplm_model(trained_small, labels_key="cell_type")
+    counts = small_pancreas.obs["cell_type"].value_counts().reindex(ann.label_categories_).to_numpy()
+    want = (counts.sum() / (len(counts) * counts)) ** 0.5
+    np.testing.assert_allclose(ann.module.class_weights.numpy(), want, rtol=1e-6)
+    rare, common = counts.argmin(), counts.argmax()
+    assert ann.module.class_weights[rare] > ann.module.class_weights[common]
+    assert "class_weights" not in ann.module.state_dict()  # training only: not in the saved weights
+    plain = CellPLMAnnotator.from_cellplm_model(trained_small, labels_key="cell_type", class_balance=0)
+    assert plain.module.class_weights is None
+    with pytest.raises(InputDataError, match="class_balance"):
+        CellPLMAnnotator.from_cellplm_model(trained_small, labels_key="cell_type", class_balance=-1)
+
+
 def test_annotator_needs_labels(trained_small, small_pancreas):
     with pytest.raises(InputDataError, match="absent"):
         CellPLMAnnotator.from_cellplm_model(trained_small, labels_key="absent")

@@ -42,6 +42,10 @@ class CellPLMAnnotator(LatentMixin, CellPLMBase):
         Train only the head; the backbone weights stay as loaded.
     label_categories
         The labels the head predicts (default: the registered label categories).
+    class_balance
+        Exponent of the class weights in the fine-tuning loss: label ``k`` with ``n_k`` of ``n``
+        labelled cells weighs ``(n / (K n_k)) ** class_balance``. 0.5 (default) lifts rare types
+        (a few cells) without letting them dominate; 0 is the plain cross-entropy.
     **kwargs
         Backbone hyperparameters, as for :class:`~scvi_cellplm.CellPLM`.
 
@@ -63,9 +67,12 @@ class CellPLMAnnotator(LatentMixin, CellPLMBase):
         n_head_hidden: int = 128,
         freeze_encoder: bool = False,
         label_categories: Sequence[str] | None = None,
+        class_balance: float = 0.5,
         **kwargs,
     ) -> None:
         super().__init__(adata, **kwargs)
+        if not class_balance >= 0:
+            raise InputDataError(f"`class_balance` must be >= 0, got {class_balance}.")
         state = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
         mapping = list(state.categorical_mapping)
         self.unlabeled_category_ = state.get("unlabeled_category")
@@ -83,6 +90,8 @@ class CellPLMAnnotator(LatentMixin, CellPLMBase):
             n_head_hidden=n_head_hidden,
             freeze_backbone=freeze_encoder,
             unlabeled_code=unlabeled_code,
+            class_weights=_class_weights(self.adata_manager, len(self.label_categories_), unlabeled_code,
+                                         class_balance),
         )
         self._model_summary_string = (
             f"CellPLMAnnotator: {len(self.label_categories_)} labels, "
@@ -92,6 +101,7 @@ class CellPLMAnnotator(LatentMixin, CellPLMBase):
         self.init_params_ = {
             "kwargs": {"kwargs": dict(kwargs)},
             "non_kwargs": {"n_head_hidden": n_head_hidden, "freeze_encoder": freeze_encoder,
+                           "class_balance": class_balance,
                            "label_categories": list(self.label_categories_)},
         }
 
@@ -146,6 +156,7 @@ class CellPLMAnnotator(LatentMixin, CellPLMBase):
         adata: AnnData | None = None,
         freeze_encoder: bool = False,
         n_head_hidden: int = 128,
+        class_balance: float = 0.5,
     ) -> CellPLMAnnotator:
         """Build an annotator whose backbone starts from ``model``'s weights.
 
@@ -163,13 +174,16 @@ class CellPLMAnnotator(LatentMixin, CellPLMBase):
             Train only the head.
         n_head_hidden
             Hidden width of the head.
+        class_balance
+            Exponent of the class weights of the fine-tuning loss (see :class:`CellPLMAnnotator`).
         """
         adata = model.adata if adata is None else adata
         args = model.adata_manager.registry["setup_args"]
         cls.setup_anndata(adata, labels_key=labels_key, unlabeled_category=unlabeled_category,
                           **{k: args.get(k) for k in ("layer", "batch_key", "sample_key",
                                                       "spatial_key", "gene_id_key")})
-        return transfer(cls, adata, model, n_head_hidden=n_head_hidden, freeze_encoder=freeze_encoder)
+        return transfer(cls, adata, model, n_head_hidden=n_head_hidden, freeze_encoder=freeze_encoder,
+                        class_balance=class_balance)
 
     @classmethod
     def _load_kwargs(cls, metadata: dict, registry: dict) -> dict:
@@ -244,3 +258,15 @@ class CellPLMAnnotator(LatentMixin, CellPLMBase):
             return pd.DataFrame(probs, index=names, columns=self.label_categories_)
         labels = np.asarray(self.label_categories_, dtype=object)[probs.argmax(1)]
         return pd.Categorical(labels, categories=self.label_categories_)
+
+
+def _class_weights(manager, n_labels: int, unlabeled_code: int, balance: float) -> torch.Tensor | None:
+    """``(n / (K n_k)) ** balance`` per label from the registered labelled cells (``None``: unweighted)."""
+    if not balance or REGISTRY_KEYS.LABELS_KEY not in manager.data_registry:
+        return None
+    codes = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel().astype(int)
+    codes = codes[(codes != unlabeled_code) & (codes < n_labels)]
+    if not len(codes):  # no labels here (e.g. a model loaded to predict): weights only act in training
+        return None
+    counts = np.bincount(codes, minlength=n_labels).astype(float)
+    return torch.as_tensor((len(codes) / (n_labels * np.maximum(counts, 1.0))) ** balance, dtype=torch.float32)

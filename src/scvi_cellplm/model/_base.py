@@ -272,8 +272,8 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
         plan_kwargs
             Passed to :class:`~scvi_cellplm.train.CellPLMTrainingPlan` (masking rates, warm-up, ...).
             :class:`~scvi_cellplm.CellPLM` trains with a batch adversary on the latent when there
-            are batches (``batch_adversarial_weight=5``; ``0`` turns it off, e.g. before fine-tuning
-            an annotator for rare types: docs/user_guide/quality.md).
+            are batches (``batch_adversarial_weight=5``; ``0`` turns it off; see
+            docs/user_guide/quality.md).
             Models with frozen weights (query models, frozen heads) train without weight decay,
             so frozen rows of a table stay exactly as they were.
         seed

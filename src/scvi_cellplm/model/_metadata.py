@@ -31,7 +31,8 @@ INT_PARAMS = {
     "n_head_hidden": (1, MAX_WIDTH, False),
 }
 FLOAT_PARAMS = {"dropout": (0.0, 1.0), "target_sum": (1e-12, 1e12), "kl_free_bits": (0.0, 1e6),
-                "gmvae_gaussian_weight": (0.0, 1e6), "gmvae_categorical_weight": (0.0, 1e6)}
+                "gmvae_gaussian_weight": (0.0, 1e6), "gmvae_categorical_weight": (0.0, 1e6),
+                "class_balance": (0.0, 1e3)}
 STR_PARAMS = ("latent_distribution", "gmvae_embedding", "attention", "positional_encoding", "norm", "gene_likelihood")
 BOOL_PARAMS = ("batch_in_decoder", "center_input", "freeze_encoder", "zero_perturbed_genes",
                "embed_shared_genes")

@@ -16,8 +16,8 @@ from .._exceptions import CheckpointError
 
 DATA_BUFFERS = frozenset({"dataset_gene_mask", "gene_index"})
 """Backbone buffers derived from a model's data, not learned: never transferred."""
-HEAD_KEYS = frozenset({"n_head_hidden", "freeze_encoder", "zero_perturbed_genes", "target_sum",
-                       "training_perturbations", "label_categories", "head_genes"})
+HEAD_KEYS = frozenset({"n_head_hidden", "freeze_encoder", "class_balance", "zero_perturbed_genes",
+                       "target_sum", "training_perturbations", "label_categories", "head_genes"})
 """Constructor arguments of the heads, not of the backbone."""
 _TABLES = {COVARIATES.BATCH: "n_batch_embeddings", COVARIATES.DATASET: "n_dataset_embeddings"}
 

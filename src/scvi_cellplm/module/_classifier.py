@@ -28,6 +28,9 @@ class CellPLMClassifierModule(BaseModuleClass):
         Train the head only (the backbone's weights never change).
     unlabeled_code
         Label code of unlabelled cells (excluded from the loss), or -1 for none.
+    class_weights
+        Weight of each label in the cross-entropy (``None``: all 1). Used in training only, so
+        not saved with the weights.
     """
 
     def __init__(
@@ -39,8 +42,12 @@ class CellPLMClassifierModule(BaseModuleClass):
         dropout: float = 0.1,
         freeze_backbone: bool = False,
         unlabeled_code: int = -1,
+        class_weights: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        if class_weights is not None:
+            class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
+        self.register_buffer("class_weights", class_weights, persistent=False)
         self.backbone = backbone
         self.n_labels = n_labels
         self.unlabeled_code = unlabeled_code
@@ -92,7 +99,7 @@ class CellPLMClassifierModule(BaseModuleClass):
         labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
         labelled = labels != self.unlabeled_code
         if labelled.any():
-            ce = F.cross_entropy(logits[labelled], labels[labelled])
+            ce = F.cross_entropy(logits[labelled], labels[labelled], weight=self.class_weights)
             accuracy = (logits[labelled].argmax(1) == labels[labelled]).float().mean()
         else:
             ce = logits.sum() * 0.0
