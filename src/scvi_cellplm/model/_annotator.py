@@ -70,9 +70,9 @@ class CellPLMAnnotator(LatentMixin, CellPLMBase):
         class_balance: float = 0.5,
         **kwargs,
     ) -> None:
-        super().__init__(adata, **kwargs)
-        if not class_balance >= 0:
+        if not class_balance >= 0:  # before the backbone is built
             raise InputDataError(f"`class_balance` must be >= 0, got {class_balance}.")
+        super().__init__(adata, **kwargs)
         state = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
         mapping = list(state.categorical_mapping)
         self.unlabeled_category_ = state.get("unlabeled_category")
