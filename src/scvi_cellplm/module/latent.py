@@ -88,23 +88,28 @@ class GMVAELatent(nn.Module):
         """
         logits = self.cluster_logits(h)
         probs = F.softmax(logits, dim=-1)
+        means = variances = None
         if sample:  # relaxed (Gumbel-softmax) cluster sample, as in training of the paper model
             gumbel = -torch.log(-torch.log(torch.rand_like(logits) + 1e-20) + 1e-20)
             y = F.softmax((logits + gumbel) / temperature, dim=-1)
         else:  # deterministic: the most likely cluster
             y = F.one_hot(logits.argmax(dim=-1), self.n_clusters).to(h.dtype)
-        hidden = F.relu(self.hidden(torch.cat([h, y], dim=1)))
-        mu = self.mean(hidden)
-        var = F.softplus(self.var(hidden))
+        if not sample and self.embedding == "mean":  # every component in one pass; argmax's is among them
+            means, variances = self._components(h)
+            mu, var = means[y.bool()], variances[y.bool()]
+        else:
+            hidden = F.relu(self.hidden(torch.cat([h, y], dim=1)))
+            mu, var = self.mean(hidden), F.softplus(self.var(hidden))
         z = mu + torch.sqrt(var + 1e-10) * torch.randn_like(mu) if sample else mu
         prior_mu, prior_var = self.prior_mean(y), F.softplus(self.prior_var(y))
         gaussian = (_log_normal(z, mu, var) - _log_normal(z, prior_mu, prior_var)).mean()
         categorical = (probs * F.log_softmax(logits, dim=-1)).sum(-1).mean() + math.log(
             self.n_clusters
         )
-        if not sample and self.embedding == "mean":
-            z, var = self._mixture_moments(h, probs)
-            mu = z
+        if means is not None:  # the posterior mean and variance over the mixture
+            p = probs.unsqueeze(-1)
+            z = mu = (p * means).sum(1)
+            var = ((p * (variances + means**2)).sum(1) - mu**2).clamp(min=0.0)
         return {
             "z": z,
             "qzm": mu,
@@ -114,16 +119,13 @@ class GMVAELatent(nn.Module):
             "kl_categorical": categorical,
         }
 
-    def _mixture_moments(self, h: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of ``z`` under ``q(z|h) = sum_y q(y|h) q(z|h,y)``: every component at once."""
+    def _components(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of ``q(z|h,y)`` for every component ``y`` at once: ``(cells, clusters, n_latent)``."""
         n_in = h.shape[1]
         weight = self.hidden.weight  # (hidden, n_hidden + n_clusters): [h, one-hot y] inputs
         shared = F.linear(h, weight[:, :n_in], self.hidden.bias)
         hidden = F.relu(shared.unsqueeze(1) + weight[:, n_in:].T.unsqueeze(0))  # (cells, clusters, hidden)
-        means, variances = self.mean(hidden), F.softplus(self.var(hidden))
-        p = probs.unsqueeze(-1)
-        mean = (p * means).sum(1)
-        return mean, ((p * (variances + means**2)).sum(1) - mean**2).clamp(min=0.0)
+        return self.mean(hidden), F.softplus(self.var(hidden))
 
 
 def make_latent(
