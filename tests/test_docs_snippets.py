@@ -68,7 +68,7 @@ def _official_checkpoint(adata: ad.AnnData) -> None:
     adata = adata.copy()
     CellPLM.setup_anndata(adata, layer="counts", batch_key="batch")
     Path(CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
-    CellPLM(adata, **TINY).to_official(CHECKPOINT)
+    CellPLM(adata, **TINY, input_target_sum=None).to_official(CHECKPOINT)
 
 
 def _namespace(page: Path, tmp_path: Path) -> dict:

@@ -131,6 +131,7 @@ def test_save_load_round_trip_gives_identical_embeddings(trained_small, small_pa
     loaded = CellPLM.load(tmp_path / "model", adata=small_pancreas.copy())
     np.testing.assert_array_equal(loaded.get_latent_representation(), z)
     assert loaded.module.latent.embedding == "mean"  # the GMVAE's embedding rule is saved too
+    assert loaded.module.input_target_sum == trained_small.module.input_target_sum == 1e4
     assert loaded.is_trained
     with pytest.raises(ValueError, match="exists"):
         trained_small.save(tmp_path / "model")

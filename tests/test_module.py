@@ -145,6 +145,25 @@ def test_sparse_and_dense_inputs_embed_identically(density):
     torch.testing.assert_close(dense, csr, atol=1e-5, rtol=1e-5)
 
 
+def test_input_target_sum_embeds_relative_expression_of_dense_and_sparse_counts():
+    """Scaled to one total, a cell read twice as deep embeds the same; raw counts (None) do not."""
+    torch.manual_seed(0)
+    x = _counts(n=40, g=50) * (torch.rand(40, 50) < 0.3)
+    deeper = x.clone()
+    deeper[:20] *= 3.0
+    sentence = torch.arange(40) // 20
+    for target, invariant in ((1e4, True), (None, False)):
+        torch.manual_seed(0)
+        m = CellPLMModule(50, n_hidden=16, n_layers=1, n_heads=2, n_latent=6, input_target_sum=target).eval()
+        out = m.inference(x, sentence)
+        same = torch.allclose(m.inference(deeper, sentence)["qzm"], out["qzm"], atol=1e-4, rtol=1e-4)
+        assert same == invariant, target
+        torch.testing.assert_close(m.inference(x.to_sparse_csr(), sentence)["qzm"], out["qzm"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out["library"], x.sum(1))  # the decoder keeps the observed library
+    with pytest.raises(InputDataError, match="input_target_sum"):
+        CellPLMModule(50, input_target_sum=0.0)
+
+
 @pytest.mark.parametrize("sparse", [True, False])
 def test_bf16_expression_products_stay_close_and_centring_stays_float32(sparse):
     """Under bf16 autocast at inference the dense products (densified chunks of sparse input,

@@ -69,8 +69,10 @@ def test_old_gmvae_keeps_its_most_likely_cluster_embedding_after_saving_again(tm
     model = CellPLM.load(str(OLD / "cellplm"))
     assert model.module.latent_distribution == "gmvae"
     assert model.module.latent.embedding == "cluster"
+    assert model.module.input_target_sum is None  # and reads raw counts, as it was trained to
     model.save(str(tmp_path / "new"))
-    assert CellPLM.load(str(tmp_path / "new"), adata=saved_adata("cellplm")).module.latent.embedding == "cluster"
+    again = CellPLM.load(str(tmp_path / "new"), adata=saved_adata("cellplm")).module
+    assert again.latent.embedding == "cluster" and again.input_target_sum is None
 
 
 def test_old_cellplm_gives_the_old_normalized_expression():

@@ -238,7 +238,7 @@ def _official_pairs(adata, folder: Path) -> dict[str, np.ndarray]:
     out = {}
     for name, seed in (("20230926_85M", 0), ("20231027_85M", 1)):
         torch.manual_seed(seed)
-        model = CellPLM(adata, **TINY)
+        model = CellPLM(adata, **TINY, input_target_sum=None)  # the official embedder reads raw counts
         model.to_official(str(folder / name))
         out[name] = CellPLM.from_official(str(folder / name), adata).get_latent_representation()
     return out

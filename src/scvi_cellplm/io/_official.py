@@ -177,6 +177,7 @@ def config_to_kwargs(config: dict) -> dict[str, Any]:
         "gmvae_categorical_weight": float(config.get("w_en", 1.0)),
         # parity: the official GMVAE embeds a cell with one cluster (compared at the most likely one)
         "gmvae_embedding": "cluster",
+        "input_target_sum": None,  # the official embedder reads log1p of the raw counts
     }
 
 
@@ -308,6 +309,11 @@ def model_to_config(model) -> dict:
         raise CheckpointError(
             "The official format has no working positional encoding (the official code zeroes "
             "it): export a model with positional_encoding='none'."
+        )
+    if getattr(module, "input_target_sum", None) is not None:
+        raise CheckpointError(
+            "The official embedder reads raw counts: export a model built with "
+            "`CellPLM(adata, input_target_sum=None)`."
         )
     first = module.decoder.covariates[0] if len(module.decoder.covariates) else {}
     n_batch = first[COVARIATES.BATCH].embedding.num_embeddings if COVARIATES.BATCH in first else 0

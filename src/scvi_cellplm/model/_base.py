@@ -76,9 +76,12 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
         center_input: bool = False,
         n_spatial_neighbors: int = 0,
         n_top_genes: int | None = 2000,
+        input_target_sum: float | None = 1e4,
         **module_kwargs,
     ) -> None:
         super().__init__(adata)
+        if gene_likelihood == "gaussian" or center_input:  # not raw counts / centred on raw log1p means
+            input_target_sum = None
         if max_cells_per_batch < 1:
             raise InputDataError(f"`max_cells_per_batch` must be positive, got {max_cells_per_batch}.")
         if n_spatial_neighbors < 0:
@@ -158,6 +161,7 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
             gene_likelihood=gene_likelihood,
             dataset_gene_mask=vocabulary_panels,
             n_spatial_neighbors=n_spatial_neighbors,
+            input_target_sum=input_target_sum,
             **center,
             **module_kwargs,
         )

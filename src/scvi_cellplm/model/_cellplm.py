@@ -94,6 +94,12 @@ class CellPLM(LatentMixin, ExpressionMixin, OfficialCheckpointMixin, PretrainedM
         :func:`~scvi_cellplm.data.highly_variable_genes`): training time grows with the
         vocabulary (about 10x from 2,000 to 20,000 genes) and the selected genes carry the cell
         types. The other genes are not read, and decode as 0. ``None``: every registered gene.
+    input_target_sum
+        The embedder reads each cell's counts scaled to this total (over its vocabulary genes)
+        before ``log1p``, as scanpy's ``normalize_total``: relative expression, so sequencing
+        depth does not move the embedding (the decoder still uses each cell's library).
+        ``None``: raw counts, as the official embedder (official checkpoints, models saved by
+        earlier versions, ``center_input=True`` and ``gene_likelihood="gaussian"`` models).
     **module_kwargs
         Passed to :class:`~scvi_cellplm.module.CellPLMModule` (e.g. ``kl_free_bits``).
 

@@ -244,6 +244,7 @@ def save_model(model, dir_path: str, prefix, overwrite: bool, save_anndata: bool
         "gene_vocabulary": list(model.gene_vocabulary),
         "decoder_batch_categories": list(model.decoder_batch_categories_),
         "gmvae_embedding": model.backbone_kwargs_["gmvae_embedding"],
+        "input_target_sum": model.backbone_kwargs_["input_target_sum"],
         "weights_file": os.path.basename(files.weights),
         "weights_id": weights_id,
     }
@@ -341,6 +342,7 @@ def load_model(cls, dir_path, adata, accelerator, device, prefix, overrides: dic
         kwargs = init_kwargs(metadata)
         # files of earlier versions (no such key) embed a GMVAE with its most likely cluster
         kwargs.setdefault("gmvae_embedding", metadata.get("gmvae_embedding", "cluster"))
+        kwargs.setdefault("input_target_sum", metadata.get("input_target_sum"))  # earlier: raw counts
         kwargs["gene_vocabulary"] = saved_vocabulary(metadata, manager)
         kwargs.update(table_sizes(state, "backbone." if any(k.startswith("backbone.") for k in state) else ""))
         kwargs.update(cls._load_kwargs(metadata, registry))

@@ -21,6 +21,7 @@ on (the default) and the module is training with autograd; inference is untouche
 from __future__ import annotations
 
 import torch
+from scvi.distributions import NegativeBinomial
 
 from .embedder import denser_than
 
@@ -112,7 +113,7 @@ def _nb_nll_dense(
 ) -> torch.Tensor:
     """Sum over ``entries`` (``None``: all) of the NB negative log-likelihood, means renormalised over them.
 
-    As :func:`scvi_cellplm.module._module._nb_nll` (times the number of cells), with
+    As :func:`nb_nll` (times the number of cells), with
     ``-log NB(x) = theta * (log(theta + mu) - log(theta)) + [x != 0] * (x * (log(theta + mu) -
     log(mu)) - lgamma(x + theta) + lgamma(theta) + lgamma(x + 1))``.
     """
@@ -154,3 +155,35 @@ def _nonzero_part(
     """Sum the terms of the NB negative log-likelihood that vanish at ``x = 0``."""
     return (x * (log_theta_mu - torch.log(mu + EPS))
             - torch.lgamma(x + theta) + torch.lgamma(theta) + torch.lgamma(x + 1)).sum()
+
+
+def nb_nll(
+    x: torch.Tensor, scale: torch.Tensor, theta: torch.Tensor, entries: torch.Tensor
+) -> torch.Tensor:
+    """Mean over cells of the NB negative log-likelihood summed over ``entries``.
+
+    The means are renormalised over the entries and matched to their observed library, as the
+    official objective does.
+    """
+    if x.shape[0] == 0:
+        return x.new_zeros(())
+    entries = entries.to(x.dtype)
+    lib = (x * entries).sum(dim=1, keepdim=True)
+    scale = scale * entries
+    mu = scale / scale.sum(dim=1, keepdim=True).clamp(min=1e-12) * lib
+    nb = NegativeBinomial(mu=mu.clamp(min=1e-8), theta=theta.expand_as(mu), validate_args=False)
+    return (-nb.log_prob(x) * entries).sum(dim=-1).mean()
+
+
+def gaussian_nll(
+    x: torch.Tensor, prediction: torch.Tensor, precision: torch.Tensor, entries: torch.Tensor
+) -> torch.Tensor:
+    """Mean over cells of the Gaussian negative log-likelihood summed over ``entries``.
+
+    ``precision`` is the learned gene-wise inverse variance (the decoder's ``theta``): a fixed
+    unit variance would let the KL term collapse the latent on low-variance data.
+    """
+    if x.shape[0] == 0:
+        return x.new_zeros(())
+    nll = 0.5 * (precision * (x - prediction) ** 2 - torch.log(precision))
+    return (nll * entries.to(x.dtype)).sum(dim=-1).mean()

@@ -11,11 +11,11 @@ from torch.distributions import Normal
 
 from .._constants import MODULE_KEYS, REGISTRY_KEYS
 from .._exceptions import InputDataError
-from ._loss import DECODER_HIDDEN_KEY, nb_recon_terms
+from ._loss import DECODER_HIDDEN_KEY, gaussian_nll, nb_nll, nb_recon_terms
 from ._norm import Norm
 from .attention import AttentionKind
 from .decoder import NBDecoder
-from .embedder import GeneEmbedder, csr_row_chunks
+from .embedder import GeneEmbedder, csr_row_chunks, scale_rows
 from .encoder import CellEncoder
 from .latent import GMVAEEmbedding, LatentDistribution, make_latent
 from .neighbourhood import NeighbourhoodAttention
@@ -102,6 +102,11 @@ class CellPLMModule(BaseModuleClass):
         common vector plus a small cell-specific part, the gene table's gradients all point the
         same way and training collapses the tokens (and the latent) onto one point; masking
         to zero then dominates what is left. Saved with the model (a buffer).
+    input_target_sum
+        Scale each cell's counts, over the genes the embedder reads (its vocabulary genes; the
+        genes every dataset measured with ``embed_shared_genes``), to this total before ``log1p``, as
+        scanpy's ``normalize_total``, so the embedder reads relative expression; the decoder still
+        uses the observed library. ``None`` (default; the official embedder): raw counts.
     """
 
     def __init__(
@@ -133,6 +138,7 @@ class CellPLMModule(BaseModuleClass):
         embed_shared_genes: bool = True,
         input_center: torch.Tensor | None = None,
         n_spatial_neighbors: int = 0,
+        input_target_sum: float | None = None,
     ) -> None:
         super().__init__()
         if gene_likelihood not in ("nb", "gaussian"):
@@ -154,6 +160,9 @@ class CellPLMModule(BaseModuleClass):
                     "(genes a dataset did not measure would read as below the centre)."
                 )
         self.register_buffer("input_center", input_center)
+        if input_target_sum is not None and not input_target_sum > 0:
+            raise InputDataError(f"`input_target_sum` must be positive or None, got {input_target_sum}.")
+        self.input_target_sum = input_target_sum
         self.n_genes = n_genes
         self.n_batch = n_batch
         self.n_latent = n_latent
@@ -250,6 +259,12 @@ class CellPLMModule(BaseModuleClass):
         ``gene_index`` gives the vocabulary row of each input column (-1: not in the vocabulary,
         ignored); ``None``: the columns are the vocabulary.
         """
+        shared = None
+        if self.dataset_gene_mask is not None and self.embed_shared_genes:  # genes all datasets measured
+            shared = self._input_panel(gene_index).all(dim=0)
+        if self.input_target_sum is not None:  # relative expression: each cell scaled to one total
+            keep = shared if shared is not None else None if gene_index is None else gene_index >= 0
+            x = scale_rows(x, self.input_target_sum / _row_sum(x, keep).clamp(min=1.0))
         center = self.input_column_center(gene_index)
         # training on dense counts: embed from the shown non-zeros (same sums, a fraction of the work)
         bag = self.sparse_loss and center is None and torch.is_grad_enabled() and x.layout == torch.strided
@@ -267,9 +282,6 @@ class CellPLMModule(BaseModuleClass):
             )
         if self.pos_encoder is not None:
             positional = self.pos_encoder(coords, sentence)
-        shared = None
-        if self.dataset_gene_mask is not None and self.embed_shared_genes:  # genes all datasets measured
-            shared = self._input_panel(gene_index).all(dim=0)
         if bag:
             h = self.embedder.expression_of_entries(x, input_mask, gene_index, keep=shared)
         else:
@@ -417,7 +429,7 @@ class CellPLMModule(BaseModuleClass):
             cells = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         else:
             cells = (input_mask & valid).any(dim=1)
-        nll = _gaussian_nll if self.gene_likelihood == "gaussian" else _nb_nll
+        nll = gaussian_nll if self.gene_likelihood == "gaussian" else nb_nll
         x_c, scale_c, valid_c = x[cells], scale[cells], valid[cells]
         recon = nll(x_c, scale_c, theta, valid_c)
         terms = {"recon_cells": recon}
@@ -461,35 +473,3 @@ def _row_sum(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         part = values[entries] if keep is None else values[entries] * keep[col[entries]].to(values.dtype)
         total[start:stop].index_add_(0, rows, part)
     return total
-
-
-def _nb_nll(
-    x: torch.Tensor, scale: torch.Tensor, theta: torch.Tensor, entries: torch.Tensor
-) -> torch.Tensor:
-    """Mean over cells of the NB negative log-likelihood summed over ``entries``.
-
-    The means are renormalised over the entries and matched to their observed library, as the
-    official objective does.
-    """
-    if x.shape[0] == 0:
-        return x.new_zeros(())
-    entries = entries.to(x.dtype)
-    lib = (x * entries).sum(dim=1, keepdim=True)
-    scale = scale * entries
-    mu = scale / scale.sum(dim=1, keepdim=True).clamp(min=1e-12) * lib
-    nb = NegativeBinomial(mu=mu.clamp(min=1e-8), theta=theta.expand_as(mu), validate_args=False)
-    return (-nb.log_prob(x) * entries).sum(dim=-1).mean()
-
-
-def _gaussian_nll(
-    x: torch.Tensor, prediction: torch.Tensor, precision: torch.Tensor, entries: torch.Tensor
-) -> torch.Tensor:
-    """Mean over cells of the Gaussian negative log-likelihood summed over ``entries``.
-
-    ``precision`` is the learned gene-wise inverse variance (the decoder's ``theta``): a fixed
-    unit variance would let the KL term collapse the latent on low-variance data.
-    """
-    if x.shape[0] == 0:
-        return x.new_zeros(())
-    nll = 0.5 * (precision * (x - prediction) ** 2 - torch.log(precision))
-    return (nll * entries.to(x.dtype)).sum(dim=-1).mean()

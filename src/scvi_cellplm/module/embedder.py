@@ -43,6 +43,17 @@ def denser_than(x: torch.Tensor, fraction: float, rows: int = 64) -> bool:
     return int(head.count_nonzero()) > fraction * head.numel()
 
 
+def scale_rows(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``x`` with row ``i`` multiplied by ``factor[i]``; sparse input stays sparse (CSR)."""
+    if x.layout == torch.strided:
+        return x * factor.view(-1, 1).to(x.dtype)
+    x = x if x.layout == torch.sparse_csr else x.to_sparse_csr()
+    crow = x.crow_indices()
+    rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), crow.diff())
+    values = x.values() * factor.to(x.values().dtype)[rows]
+    return torch.sparse_csr_tensor(crow, x.col_indices(), values, x.shape)
+
+
 def csr_row_chunks(x: torch.Tensor, chunk: int) -> Iterator[tuple[int, int, slice, torch.Tensor]]:
     """Yield row chunks of a CSR tensor.
 
