@@ -43,17 +43,6 @@ def denser_than(x: torch.Tensor, fraction: float, rows: int = 64) -> bool:
     return int(head.count_nonzero()) > fraction * head.numel()
 
 
-def scale_rows(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """``x`` with row ``i`` multiplied by ``factor[i]``; sparse input stays sparse (CSR)."""
-    if x.layout == torch.strided:
-        return x * factor.view(-1, 1).to(x.dtype)
-    x = x if x.layout == torch.sparse_csr else x.to_sparse_csr()
-    crow = x.crow_indices()
-    rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), crow.diff())
-    values = x.values() * factor.to(x.values().dtype)[rows]
-    return torch.sparse_csr_tensor(crow, x.col_indices(), values, x.shape)
-
-
 def csr_row_chunks(x: torch.Tensor, chunk: int) -> Iterator[tuple[int, int, slice, torch.Tensor]]:
     """Yield row chunks of a CSR tensor.
 
@@ -69,6 +58,21 @@ def csr_row_chunks(x: torch.Tensor, chunk: int) -> Iterator[tuple[int, int, slic
             torch.arange(stop - start, device=x.device), crow[start : stop + 1].diff()
         )
         yield start, stop, entries, rows
+
+
+def scale_rows(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``x`` with row ``i`` multiplied by ``factor[i]``; sparse input stays sparse (CSR).
+
+    Sparse values are scaled in row chunks (:func:`csr_row_chunks`: temporaries bounded by one
+    chunk's entries).
+    """
+    if x.layout == torch.strided:
+        return x * factor.view(-1, 1).to(x.dtype)
+    x = x if x.layout == torch.sparse_csr else x.to_sparse_csr()
+    values, factor = x.values().clone(), factor.to(x.values().dtype)
+    for start, stop, entries, rows in csr_row_chunks(x, CHUNK_CELLS):
+        values[entries] *= factor[start:stop][rows]
+    return torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), values, x.shape, check_invariants=False)
 
 
 def _log1p_matmul(x: torch.Tensor, table: torch.Tensor, low: torch.dtype | None) -> torch.Tensor:
