@@ -161,6 +161,31 @@ def score(adata, embedding: np.ndarray, seed: int, has_batch: bool) -> dict:
     return out
 
 
+def quiet_torch(threads: int):
+    """torch on ``threads`` threads, with Lightning's and scvi-tools' logs and warnings off."""
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("scvi").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    return torch
+
+
+def read_cache(path: Path) -> list[dict]:
+    """The runs cached in the JSON-lines file ``path`` (none if it does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_run(path: Path, cached: list[dict], record: dict) -> None:
+    """Add ``record`` to ``cached`` and to the JSON-lines cache ``path`` (kept if a later run fails)."""
+    cached.append(record)
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
 def summarise(records: list[dict]) -> str:
     """Markdown table: mean ± sd over seeds per (dataset, method)."""
     cols = ["Total", "Bio conservation", "Batch correction", "ARI sweep", "NMI sweep", "ARI matched",
@@ -201,15 +226,8 @@ def main() -> int:
     parser.add_argument("--table-only", action="store_true", help="print the cached table")
     args = parser.parse_args()
 
-    import torch
-
-    torch.set_num_threads(args.threads)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("scvi").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    cached = []
-    if args.cache.exists():
-        cached = [json.loads(line) for line in args.cache.read_text().splitlines() if line.strip()]
+    torch = quiet_torch(args.threads)
+    cached = read_cache(args.cache)
     done = {(r["dataset"], r["method"], r["seed"], r["genes"]) for r in cached}
     if not args.table_only:
         for name in args.datasets:
@@ -232,9 +250,7 @@ def main() -> int:
                               "cellplm_model": args.cellplm_model, "cellplm_train": args.cellplm_train,
                               "machine": f"{platform.machine()} {os.cpu_count()} cores, "
                                          f"{args.threads} threads, torch {torch.__version__}"}
-                    cached.append(record)
-                    with args.cache.open("a") as fh:
-                        fh.write(json.dumps(record) + "\n")
+                    append_run(args.cache, cached, record)
                     print(f"{name} {label} seed {seed}: total {scores.get('Total', np.nan):.3f} "
                           f"ARI sweep {scores['ARI sweep']:.3f} matched {scores['ARI matched']:.3f} "
                           f"({seconds:.0f} s, {steps} steps)", flush=True)
