@@ -41,8 +41,15 @@ def check_int(value, field: str, low: int, high: int, where: str, *, optional: b
     return value
 
 
-def check_float(value, field: str, low: float, high: float, where: str, *, high_open: bool = False) -> float:
-    """Return ``value`` as a float if it is a finite number in ``[low, high]`` (``[low, high)``)."""
+def check_float(
+    value, field: str, low: float, high: float, where: str, *, high_open: bool = False, optional: bool = False
+) -> float | None:
+    """Return ``value`` as a float if it is a finite number in ``[low, high]`` (``[low, high)``).
+
+    ``None`` is returned as is when ``optional``.
+    """
+    if value is None and optional:
+        return None
     ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
     if not ok or not low <= value <= high or (high_open and value == high):
         interval = f"[{low:g}, {high:g}{')' if high_open else ']'}"

@@ -30,10 +30,10 @@ INT_PARAMS = {
     "n_dataset_embeddings": (0, MAX_CATEGORIES, False), "n_spatial_neighbors": (0, MAX_DEPTH, False),
     "n_head_hidden": (1, MAX_WIDTH, False),
 }
-FLOAT_PARAMS = {"dropout": (0.0, 1.0), "target_sum": (1e-12, 1e12), "kl_free_bits": (0.0, 1e6),
-                "gmvae_gaussian_weight": (0.0, 1e6), "gmvae_categorical_weight": (0.0, 1e6),
-                "class_balance": (0.0, 1e3), "input_target_sum": (1e-12, 1e12)}
-OPTIONAL_FLOATS = ("input_target_sum",)
+# and float ones (lowest, highest, may be None)
+FLOAT_PARAMS = {"dropout": (0.0, 1.0, False), "target_sum": (1e-12, 1e12, False), "kl_free_bits": (0.0, 1e6, False),
+                "gmvae_gaussian_weight": (0.0, 1e6, False), "gmvae_categorical_weight": (0.0, 1e6, False),
+                "class_balance": (0.0, 1e3, False), "input_target_sum": (1e-12, 1e12, True)}
 STR_PARAMS = ("latent_distribution", "gmvae_embedding", "attention", "positional_encoding", "norm", "gene_likelihood")
 BOOL_PARAMS = ("batch_in_decoder", "center_input", "freeze_encoder", "zero_perturbed_genes",
                "embed_shared_genes")
@@ -80,8 +80,8 @@ def check_metadata(metadata: dict, path: str) -> None:
         check_bool(metadata["is_trained_"], "is_trained_", where)
     for key in ("weights_file", "weights_id", "gmvae_embedding"):  # absent from files of earlier versions
         check_str(metadata.get(key), key, where, optional=True)
-    if metadata.get("input_target_sum") is not None:
-        check_float(metadata["input_target_sum"], "input_target_sum", *FLOAT_PARAMS["input_target_sum"], where)
+    low, high, _ = FLOAT_PARAMS["input_target_sum"]  # absent from files of earlier versions
+    check_float(metadata.get("input_target_sum"), "input_target_sum", low, high, where, optional=True)
     check_init_params(metadata["init_params_"], where)
     check_registry(metadata["registry_"], where)
 
@@ -97,9 +97,9 @@ def check_init_params(params: dict, where: str) -> None:
     for key, (low, high, optional) in INT_PARAMS.items():
         if key in flat:
             check_int(flat[key], f"init_params_.{key}", low, high, where, optional=optional)
-    for key, (low, high) in FLOAT_PARAMS.items():
-        if key in flat and not (key in OPTIONAL_FLOATS and flat[key] is None):
-            check_float(flat[key], f"init_params_.{key}", low, high, where)
+    for key, (low, high, optional) in FLOAT_PARAMS.items():
+        if key in flat:
+            check_float(flat[key], f"init_params_.{key}", low, high, where, optional=optional)
     for key in STR_PARAMS:
         if key in flat:
             check_str(flat[key], f"init_params_.{key}", where)
