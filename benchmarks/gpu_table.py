@@ -241,7 +241,8 @@ def training_throughput(preset_name: str, precision: str, cells_per_step: int, w
     make = vocabulary_cells if full_vocabulary else make_cells
     adata = make(cells_per_step * (total + 1), genes, vocabulary, seed=1)
     CellPLM.setup_anndata(adata, batch_key="batch")
-    model = CellPLM(adata, max_cells_per_batch=cells_per_step, **preset)
+    # n_top_genes=None: the whole width is the vocabulary, as in the paper's pretraining
+    model = CellPLM(adata, max_cells_per_batch=cells_per_step, n_top_genes=None, **preset)
     clock = StepClock()
     import torch
 
@@ -250,6 +251,7 @@ def training_throughput(preset_name: str, precision: str, cells_per_step: int, w
     start = time.perf_counter()
     model.train(max_epochs=1, max_steps=total, accelerator="gpu" if device.startswith("cuda") else "cpu",
                 devices=1, validation_size=0.0, precision=precision, enable_progress_bar=False,
+                max_cells_per_batch=cells_per_step,
                 callbacks=[clock], plan_kwargs={"n_steps_lr_warmup": 1})
     wall = time.perf_counter() - start
     if len(clock.ends) < total:

@@ -36,7 +36,12 @@ pytestmark = [
                        reason="needs a CUDA GPU (nox -s gpu / pytest -m gpu on a GPU machine)"),
 ]
 
-PARITY_TOL = 1e-5  # ours vs the official package, same device, fp32
+# Ours vs the official package, same device, fp32. On the CPU: 1e-5. On a GPU the reduction order of
+# cuBLAS's kernels depends on the shapes each implementation multiplies: measured on an H200 (paper
+# network, values up to ~6), ours vs official 1.0-2.2e-5 (relative 1.6e-6), and the official package
+# against its own CPU result 1.5e-5. So on CUDA: 5e-5 absolute and 1e-5 relative (Frobenius).
+PARITY_TOL = 1e-5 if DEVICE == "cpu" else 5e-5
+PARITY_REL = 1e-5
 DEVICE_TOL = 1e-4  # ours on the CPU vs ours on CUDA, fp32
 BF16_COSINE = 0.999  # per cell, bf16 autocast vs fp32 (cells that keep their GMVAE cluster)
 BF16_MAX_FLIPS = 0.05  # share of cells whose GMVAE cluster changes under bf16 (near-ties)
@@ -51,8 +56,11 @@ DEVICE_MAX_FLIPS = 0.005  # the same between CPU and CUDA (fp32: rounding order 
 # cell dropout and masking. (Adam's 65 `.item()` calls per step read its step counters, which
 # live on the host: no copy.) A model copied to or from the host every step (65 parameter
 # tensors in the small preset) exceeds these bounds.
+# Measured on an H200 (small preset, 32 cells a step): 10 HtoD and 18-19 DtoH per step, the reads
+# being torch.unique (3), boolean selections (nonzero, 6), `.item()`/`bool()` (13, overlapping) —
+# scalars, none a parameter (57 tensors). The bound on reads was 16 before that measurement.
 MAX_HTOD_PER_STEP = 24
-MAX_DTOH_PER_STEP = 16
+MAX_DTOH_PER_STEP = 24
 
 
 # ----------------------------------------------------------------- fixtures and helpers
@@ -116,7 +124,7 @@ def _clusters(model, **kwargs):
 @pytest.mark.parametrize("latent", ["gmvae", "vae"])
 def test_paper_size_parity_with_official_on_device(tmp_path, paper_config, ensembl_pancreas, latent):
     """The paper-size network (4 x 1024 Flowformer, 19,374 genes) with random weights: ours and the
-    official package, both on the GPU in fp32, agree to 1e-5 (one sample = one sentence)."""
+    official package, both on the GPU in fp32, agree to ``PARITY_TOL`` (one sample = one sentence)."""
     pytest.importorskip("CellPLM", reason="the official `cellplm` package is not installed")
     prefix, name = _official_checkpoint(tmp_path, paper_config, latent)
     reference = official_embedding_on(str(tmp_path), name, ensembl_pancreas.copy(), DEVICE)
@@ -125,7 +133,10 @@ def test_paper_size_parity_with_official_on_device(tmp_path, paper_config, ensem
     ours = model.get_latent_representation()
     assert ours.shape == reference.shape
     diff = float(np.abs(ours - reference).max())
+    relative = float(np.linalg.norm(ours - reference) / np.linalg.norm(reference))
+    print(f"paper-size {latent} on {DEVICE}: max |ours - official| {diff:.2e}, relative {relative:.1e}")
     assert diff <= PARITY_TOL, f"max |ours - official| on {DEVICE} = {diff:.2e} (> {PARITY_TOL})"
+    assert relative <= PARITY_REL, f"relative difference on {DEVICE} = {relative:.1e} (> {PARITY_REL})"
 
 
 def test_small_parity_with_official_on_device(tmp_path, vocabulary, ensembl_pancreas):

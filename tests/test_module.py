@@ -312,3 +312,16 @@ def test_position_dropout_hides_whole_sentences_in_training_only():
     assert not plan._corrupt(batch, drop_cells=False)[0]["spatial"].isnan().any()  # validation
     with pytest.raises(ValueError, match="drop_position_rate"):
         CellPLMTrainingPlan(m, drop_position_rate=1.5)
+
+
+def test_inference_chunks_are_small_on_cpu_and_large_bounded_on_accelerators():
+    """Row chunks of the inference path: the CPU size on a CPU; on an accelerator large, but a
+    chunk of a wide temporary stays within GPU_CHUNK_ELEMENTS, and never below the CPU size."""
+    from scvi_cellplm.module._chunks import GPU_CHUNK_ELEMENTS, GPU_CHUNK_ROWS, rows_per_chunk
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert rows_per_chunk(2048, cpu, 2048) == 2048
+    assert rows_per_chunk(2048, cuda) == GPU_CHUNK_ROWS
+    wide = rows_per_chunk(4096, cuda, 20_000)
+    assert 4096 < wide < GPU_CHUNK_ROWS and wide * 20_000 <= GPU_CHUNK_ELEMENTS
+    assert rows_per_chunk(4096, cuda, 10**9) == 4096

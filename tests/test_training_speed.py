@@ -188,3 +188,15 @@ def test_model_training_history_is_the_same_with_the_sparse_loss(small_pancreas)
         model.train(max_epochs=4, accelerator="cpu", enable_progress_bar=False)
         histories[sparse] = model.history["train_loss"].to_numpy(dtype=float).ravel()
     np.testing.assert_allclose(histories[True], histories[False], rtol=1e-4)
+
+
+def test_mixed_precision_training_runs_with_gradient_clipping(small_pancreas):
+    """``train(precision="bf16-mixed")`` with the default gradient clipping trains (the fused AdamW,
+    which Lightning refuses to clip under mixed precision, is kept for full-precision runs)."""
+    import scvi_cellplm
+
+    scvi_cellplm.CellPLM.setup_anndata(small_pancreas, layer="counts", batch_key="batch")
+    model = scvi_cellplm.CellPLM(small_pancreas, **TINY)
+    model.train(max_epochs=2, accelerator="cpu", precision="bf16-mixed", enable_progress_bar=False)
+    assert np.isfinite(model.history["train_loss"].to_numpy(dtype=float)).all()
+    assert model.is_trained

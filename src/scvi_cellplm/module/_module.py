@@ -11,6 +11,7 @@ from torch.distributions import Normal
 
 from .._constants import MODULE_KEYS, REGISTRY_KEYS
 from .._exceptions import InputDataError
+from ._chunks import rows_per_chunk
 from ._loss import DECODER_HIDDEN_KEY, gaussian_nll, nb_nll, nb_recon_terms
 from ._norm import Norm
 from .attention import AttentionKind
@@ -299,11 +300,12 @@ class CellPLMModule(BaseModuleClass):
         Without autograd, in row chunks written into preallocated outputs (bounded temporaries at
         50k-cell sentences); scalar terms are cell-weighted means.
         """
-        if torch.is_grad_enabled() or h.shape[0] <= LATENT_CHUNK:
+        chunk = rows_per_chunk(LATENT_CHUNK, h.device, h.shape[1])
+        if torch.is_grad_enabled() or h.shape[0] <= chunk:
             return self.latent(h, sample=sample)
         out: dict[str, torch.Tensor] = {}
-        for start in range(0, h.shape[0], LATENT_CHUNK):
-            part = self.latent(h[start : start + LATENT_CHUNK], sample=sample)
+        for start in range(0, h.shape[0], chunk):
+            part = self.latent(h[start : start + chunk], sample=sample)
             n = part["qzm"].shape[0]
             for key, value in part.items():
                 if value.dim() == 0:  # a mean over the chunk's cells
@@ -469,7 +471,7 @@ def _row_sum(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     x = x if x.layout == torch.sparse_csr else x.to_sparse_csr()
     col, values = x.col_indices(), x.values()
     total = values.new_zeros(x.shape[0])
-    for start, stop, entries, rows in csr_row_chunks(x, LATENT_CHUNK):
+    for start, stop, entries, rows in csr_row_chunks(x, rows_per_chunk(LATENT_CHUNK, x.device)):
         part = values[entries] if keep is None else values[entries] * keep[col[entries]].to(values.dtype)
         total[start:stop].index_add_(0, rows, part)
     return total

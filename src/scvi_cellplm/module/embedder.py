@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._chunks import rows_per_chunk
 from ._norm import Norm, make_norm
 
 
@@ -70,7 +71,7 @@ def scale_rows(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         return x * factor.view(-1, 1).to(x.dtype)
     x = x if x.layout == torch.sparse_csr else x.to_sparse_csr()
     values, factor = x.values().clone(), factor.to(x.values().dtype)
-    for start, stop, entries, rows in csr_row_chunks(x, CHUNK_CELLS):
+    for start, stop, entries, rows in csr_row_chunks(x, rows_per_chunk(CHUNK_CELLS, x.device)):
         values[entries] *= factor[start:stop][rows]
     return torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), values, x.shape, check_invariants=False)
 
@@ -89,7 +90,7 @@ def _log1p_matmul(x: torch.Tensor, table: torch.Tensor, low: torch.dtype | None)
     out = table.new_empty(n_rows, table.shape[1]) if inplace else None
     chunks = []
     # bounded memory: one dense chunk at a time
-    for start, stop, entries, rows in csr_row_chunks(x, CHUNK_CELLS):
+    for start, stop, entries, rows in csr_row_chunks(x, rows_per_chunk(CHUNK_CELLS, x.device, n_cols)):
         dense = compute.new_zeros(stop - start, n_cols)
         dense[rows, col[entries]] = torch.log1p(val[entries]).to(compute.dtype)
         if inplace and low is None:
@@ -216,7 +217,8 @@ class GeneEmbedder(nn.Module):
             h = h + positional
         if torch.is_grad_enabled():
             return self.norm(self.dropout(F.relu(self.proj(h))))
-        for start in range(0, h.shape[0], CHUNK_CELLS):  # inference: in place, row chunks
-            rows = h[start : start + CHUNK_CELLS]
+        chunk = rows_per_chunk(CHUNK_CELLS, h.device, h.shape[1])
+        for start in range(0, h.shape[0], chunk):  # inference: in place, row chunks
+            rows = h[start : start + chunk]
             rows.copy_(self.norm(self.dropout(F.relu(self.proj(rows)))))
         return h

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._chunks import rows_per_chunk
 from .attention import AttentionKind, FlowAttention, InferenceWorkspace, make_attention
 
 CHUNK_TOKENS = 2048
@@ -36,15 +37,16 @@ class Block(nn.Module):
             x = x + self.dropout(self.attn(self.norm1(x), valid))
             return x + self.ff(self.norm2(x))
         # inference: in place, token-wise work in chunks (bounded temporaries, cache-friendly)
+        chunk = rows_per_chunk(CHUNK_TOKENS, x.device, 2 * x.shape[-1])
         if isinstance(self.attn, FlowAttention):
-            self.attn.add_to_(x, valid, self.norm1, self.dropout, CHUNK_TOKENS, workspace)
+            self.attn.add_to_(x, valid, self.norm1, self.dropout, chunk, workspace)
         else:
             x += self.dropout(self.attn(self.norm1(x), valid))
         ws = InferenceWorkspace() if workspace is None else workspace
         up, act, drop, down, drop_out = self.ff
         flat = x.view(-1, x.shape[-1])
-        for start in range(0, flat.shape[0], CHUNK_TOKENS):
-            rows = flat[start : start + CHUNK_TOKENS]
+        for start in range(0, flat.shape[0], chunk):
+            rows = flat[start : start + chunk]
             rows += drop_out(ws.linear(down, drop(act(ws.linear(up, self.norm2(rows))))))
         return x
 
@@ -97,7 +99,8 @@ class CellEncoder(nn.Module):
         out = x[0] if x.shape[0] == 1 else x[where]
         if torch.is_grad_enabled():
             return self.final_norm(out)
-        for start in range(0, out.shape[0], CHUNK_TOKENS):  # inference: in place
-            rows = out[start : start + CHUNK_TOKENS]
+        chunk = rows_per_chunk(CHUNK_TOKENS, out.device, out.shape[-1])
+        for start in range(0, out.shape[0], chunk):  # inference: in place
+            rows = out[start : start + chunk]
             rows.copy_(self.final_norm(rows))
         return out
