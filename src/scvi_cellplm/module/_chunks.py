@@ -5,8 +5,8 @@ temporaries stay bounded at sentences of many thousand cells. On a CPU small chu
 cache. On a GPU every chunk is one more round of kernel launches and smaller matrix products, and
 memory is plentiful: chunks are large, bounded in elements so a wide temporary (a densified chunk
 of a 20,000-gene matrix) stays at 1 GiB of float32. Measured on an NVIDIA H200 (paper network,
-48,082 cells, one sentence; ``.gpu`` diagnostics of issue #21): forward 0.29 s with the CPU sizes,
-0.10 s with these (bf16: 0.29 s and 0.027 s).
+48,082 cells, one sentence; ``benchmarks/gpu_diagnostics.py``, issue #21): forward 0.28-0.31 s
+with the CPU sizes, 0.10 s with these (bf16: 0.29-0.34 s and 0.03 s).
 """
 
 from __future__ import annotations
