@@ -54,21 +54,15 @@ class Bench:
               flush=True)
 
     def sync(self) -> None:
-        import torch
+        from embedding_speed import _sync
 
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        _sync(self.device)
 
     def timed(self, call, reps: int = 2):
-        times, first = [], None
-        for _ in range(reps):
-            self.sync()
-            start = time.perf_counter()
-            out = call()
-            self.sync()
-            times.append(time.perf_counter() - start)
-            first = out if first is None else first
-        return first, min(times), times
+        """(first result, fastest seconds, all seconds) of ``reps`` synchronised calls."""
+        from embedding_speed import _timed
+
+        return _timed(call, reps, self.device)
 
     def save(self) -> None:
         (OUT / "diag.json").write_text(json.dumps(self.results, indent=1, default=str))
