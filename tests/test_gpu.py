@@ -47,15 +47,15 @@ BF16_COSINE = 0.999  # per cell, bf16 autocast vs fp32 (cells that keep their GM
 BF16_MAX_FLIPS = 0.05  # share of cells whose GMVAE cluster changes under bf16 (near-ties)
 DEVICE_MAX_FLIPS = 0.005  # the same between CPU and CUDA (fp32: rounding order only)
 
-# Host<->device copies per training step (bounds set before any GPU run; the test prints the
-# measured counts). The batch is 6 tensors (X, batch, labels, sample, sentence, obs indices), each
-# copied once. Legitimate scalars on top, found on the CPU by hooking `.item()`/`bool()` over one
-# step: the logged KL weight (a Python float made a device tensor), the Beta-distribution
-# parameters of the gene mask and their argument validation (3 reads), one `valid.all()` per
-# Flowformer layer, the finite-loss check (1 read), and the sizes of the boolean selections of
-# cell dropout and masking. (Adam's 65 `.item()` calls per step read its step counters, which
-# live on the host: no copy.) A model copied to or from the host every step (65 parameter
-# tensors in the small preset) exceeds these bounds.
+# Host<->device copies per training step (the test prints the measured counts). The batch is 6
+# tensors (X, batch, labels, sample, sentence, obs indices), each copied once. Legitimate scalars on
+# top, found on the CPU by hooking `.item()`/`bool()` over one step: the logged KL weight (a Python
+# float made a device tensor), the Beta-distribution parameters of the gene mask and their argument
+# validation (3 reads), one `valid.all()` per Flowformer layer, the finite-loss check (1 read), and
+# the sizes of the boolean selections of cell dropout and masking. (Adam's `.item()` calls, one per
+# parameter tensor a step, read its step counters, which live on the host: no copy.) A model copied
+# to or from the host every step (57 parameter tensors in the small preset, counted by the test)
+# exceeds these bounds.
 # Measured on an H200 (small preset, 32 cells a step): 10 HtoD and 18-19 DtoH per step, the reads
 # being torch.unique (3), boolean selections (nonzero, 6), `.item()`/`bool()` (13, overlapping) —
 # scalars, none a parameter (57 tensors). The bound on reads was 16 before that measurement.
