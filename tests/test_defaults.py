@@ -187,6 +187,16 @@ def test_kl_warm_up_can_span_the_whole_run(small_pancreas):
         model.train(max_steps=2, enable_progress_bar=False, plan_kwargs={"n_steps_kl_warmup": "half"})
 
 
+def test_adamw_eps_is_a_training_plan_setting(small_pancreas):
+    # the optimiser screens of docs/user_guide/quality.md set scvi-tools' eps (0.01) this way
+    CellPLM.setup_anndata(small_pancreas, layer="counts", batch_key="batch")
+    model = CellPLM(small_pancreas, **TINY)
+    for plan_kwargs, eps in (({}, 1e-8), ({"eps": 0.01}, 0.01)):
+        model.train(max_steps=2, enable_progress_bar=False, plan_kwargs=plan_kwargs)
+        assert model.trainer.lightning_module.optimizers().optimizer.defaults["eps"] == eps
+    assert model.trainer.gradient_clip_val == 1.0  # the default clipping
+
+
 def test_pretraining_and_imputation_keep_every_gene_of_their_vocabulary():
     """n_top_genes selects genes of a user AnnData only: a corpus keeps its whole vocabulary."""
     import anndata as ad

@@ -28,8 +28,9 @@ class CellPLMTrainingPlan(TrainingPlan):
     ----------
     module
         A :class:`~scvi_cellplm.module.CellPLMModule`.
-    lr, weight_decay
-        AdamW learning rate and weight decay.
+    lr, weight_decay, eps
+        AdamW learning rate, weight decay and ``eps`` (the term added to the root of the second
+        moment; scvi-tools' plans use 0.01: screened in docs/user_guide/quality.md, not adopted).
     n_steps_lr_warmup
         Linear learning-rate warm-up steps, followed by cosine decay to ``lr_min_ratio * lr``
         over the remaining steps of training.
@@ -63,6 +64,7 @@ class CellPLMTrainingPlan(TrainingPlan):
         *,
         lr: float = 1e-3,
         weight_decay: float = 1e-6,
+        eps: float = 1e-8,
         n_steps_lr_warmup: int = 50,
         lr_min_ratio: float = 0.1,
         mask_cell_rate: float = 0.75,
@@ -83,6 +85,7 @@ class CellPLMTrainingPlan(TrainingPlan):
             optimizer=optimizer,
             lr=lr,
             weight_decay=weight_decay,
+            eps=eps,
             n_epochs_kl_warmup=n_epochs_kl_warmup,
             n_steps_kl_warmup=None if n_steps_kl_warmup == "all" else n_steps_kl_warmup,
             **kwargs,
@@ -185,7 +188,8 @@ class CellPLMTrainingPlan(TrainingPlan):
         mixed = self._trainer is not None and "mixed" in str(self.trainer.precision)
         fused = not mixed and bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32
                                                    for p in params)
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused or None)
+        optimizer = torch.optim.AdamW(params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay,
+                                      fused=fused or None)
         total = max(int(self.trainer.estimated_stepping_batches), 1) if self.trainer else 1
         warmup = min(self.n_steps_lr_warmup, max(total - 1, 0))
         if self.kl_warmup_all:  # KL weight rises over the whole run, as scVI's 400-epoch warm-up
