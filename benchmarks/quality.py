@@ -23,6 +23,7 @@ added without re-running the baselines.
     python benchmarks/quality.py --methods cellplm --label lr3e-3 \\
         --cellplm-train '{"lr": 3e-3}'                             # an ablation row (labelled)
     python benchmarks/quality.py --genes all --methods cellplm    # every gene, as shipped
+    python benchmarks/quality.py --table-only --plot docs/_static/quality_tradeoff.png
 """
 
 from __future__ import annotations
@@ -210,6 +211,45 @@ def summarise(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_tradeoff(records: list[dict], path: Path) -> None:
+    """Scatter per dataset: scib-metrics total against swept Leiden ARI, one point per method/variant.
+
+    Each point is the mean over a variant's seeds; CellPLM's defaults, scVI and PCA are labelled,
+    every other CellPLM variant of the cache (the ablations and screens) is a grey point.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [d for d in DATASETS if any(r["dataset"] == d for r in records)]
+    cols = min(len(names), 2)
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    marks = {"cellplm (defaults)": ("tab:red", "o", "CellPLM defaults"), "scvi": ("tab:blue", "s", "scVI"),
+             "pca": ("tab:green", "^", "PCA")}
+    for ax, name in zip(axes.ravel(), names):
+        groups: dict[str, list[dict]] = {}
+        for r in records:
+            if r["dataset"] == name:
+                groups.setdefault(r["method"], []).append(r["scores"])
+        for method, scores in groups.items():
+            x = np.mean([s["Total"] for s in scores])
+            y = np.mean([s["ARI sweep"] for s in scores])
+            colour, marker, text = marks.get(method, ("0.6", ".", None))
+            ax.scatter(x, y, c=colour, marker=marker, s=60 if text else 25, zorder=3 if text else 2,
+                       label=f"{text} ({len(scores)} seeds)" if text else None)
+        ax.set(title=name, xlabel="scib-metrics total", ylabel="Leiden ARI (sweep)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    for ax in axes.ravel()[len(names):]:
+        ax.set_visible(False)
+    fig.suptitle("Grey: other CellPLM variants (ablations and screens), mean over their seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"Plot: {path}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
@@ -224,6 +264,7 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "quality_runs.jsonl")
     parser.add_argument("--rerun", action="store_true", help="ignore cached runs")
     parser.add_argument("--table-only", action="store_true", help="print the cached table")
+    parser.add_argument("--plot", type=Path, help="also draw total vs Leiden ARI per dataset (PNG)")
     args = parser.parse_args()
 
     torch = quiet_torch(args.threads)
@@ -257,6 +298,8 @@ def main() -> int:
     wanted = [r for r in cached if r["genes"] == args.genes and r["dataset"] in args.datasets]
     print(f"\nGenes: {args.genes}; {wanted[0]['machine'] if wanted else ''}")
     print(summarise(sorted(wanted, key=lambda r: (list(DATASETS).index(r["dataset"]), r["method"]))))
+    if args.plot:
+        plot_tradeoff(wanted, args.plot)
     return 0
 
 
