@@ -187,13 +187,19 @@ def append_run(path: Path, cached: list[dict], record: dict) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
+def group_runs(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """The runs of each (dataset, method), in the order first seen."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["dataset"], r["method"]), []).append(r)
+    return groups
+
+
 def summarise(records: list[dict]) -> str:
     """Markdown table: mean ± sd over seeds per (dataset, method)."""
     cols = ["Total", "Bio conservation", "Batch correction", "ARI sweep", "NMI sweep", "ARI matched",
             "NMI matched", "seconds"]
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        groups.setdefault((r["dataset"], r["method"]), []).append(r)
+    groups = group_runs(records)
     lines = ["| dataset | method | seeds | " + " | ".join(cols) + " |",
              "|" + "---|" * (3 + len(cols))]
     for (dataset, method), rows in groups.items():
@@ -222,23 +228,21 @@ def plot_tradeoff(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [d for d in DATASETS if any(r["dataset"] == d for r in records)]
+    groups = group_runs(records)
+    names = [d for d in DATASETS if any(dataset == d for dataset, _ in groups)]
     cols = min(len(names), 2)
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
     marks = {"cellplm (defaults)": ("tab:red", "o", "CellPLM defaults"), "scvi": ("tab:blue", "s", "scVI"),
              "pca": ("tab:green", "^", "PCA")}
-    for ax, name in zip(axes.ravel(), names):
-        groups: dict[str, list[dict]] = {}
-        for r in records:
-            if r["dataset"] == name:
-                groups.setdefault(r["method"], []).append(r["scores"])
-        for method, scores in groups.items():
-            x = np.mean([s["Total"] for s in scores])
-            y = np.mean([s["ARI sweep"] for s in scores])
-            colour, marker, text = marks.get(method, ("0.6", ".", None))
-            ax.scatter(x, y, c=colour, marker=marker, s=60 if text else 25, zorder=3 if text else 2,
-                       label=f"{text} ({len(scores)} seeds)" if text else None)
+    axis = dict(zip(names, axes.ravel()))
+    for (name, method), runs in groups.items():
+        x = np.mean([r["scores"]["Total"] for r in runs])
+        y = np.mean([r["scores"]["ARI sweep"] for r in runs])
+        colour, marker, text = marks.get(method, ("0.6", ".", None))
+        axis[name].scatter(x, y, c=colour, marker=marker, s=60 if text else 25, zorder=3 if text else 2,
+                           label=f"{text} ({len(runs)} seeds)" if text else None)
+    for name, ax in axis.items():
         ax.set(title=name, xlabel="scib-metrics total", ylabel="Leiden ARI (sweep)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
