@@ -125,6 +125,21 @@ def test_large_samples_are_windowed_not_chunked(small_pancreas):
     assert model.get_latent_representation().shape[0] == small_pancreas.n_obs
 
 
+def test_sample_token_norm_model_saves_and_reads_genes_by_identity(small_pancreas, tmp_path):
+    """A model whose tokens are normalised over their sample loads as it was saved, and embeds a
+    copy of its data with the genes in another order exactly as its own."""
+    CellPLM.setup_anndata(small_pancreas, layer="counts", batch_key="batch")
+    model = CellPLM(small_pancreas, token_norm="sample", **TINY)
+    model.train(max_steps=20, max_cells_per_batch=64, enable_progress_bar=False)
+    z = model.get_latent_representation()
+    model.save(tmp_path / "model")
+    loaded = CellPLM.load(tmp_path / "model", adata=small_pancreas.copy())
+    assert loaded.module.sample_norm is not None
+    np.testing.assert_array_equal(loaded.get_latent_representation(), z)
+    shuffled = small_pancreas[:, np.random.default_rng(0).permutation(small_pancreas.n_vars)].copy()
+    np.testing.assert_allclose(model.get_latent_representation(shuffled), z, atol=1e-5)
+
+
 def test_save_load_round_trip_gives_identical_embeddings(trained_small, small_pancreas, tmp_path):
     z = trained_small.get_latent_representation()
     trained_small.save(tmp_path / "model")

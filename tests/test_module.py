@@ -10,6 +10,7 @@ from scvi_cellplm.module import (
     CellPLMModule,
     FlowAttention,
     GMVAELatent,
+    SampleNorm,
     SoftmaxAttention,
     VAELatent,
     normalize_coordinates,
@@ -162,6 +163,60 @@ def test_input_target_sum_embeds_relative_expression_of_dense_and_sparse_counts(
         torch.testing.assert_close(out["library"], x.sum(1))  # the decoder keeps the observed library
     with pytest.raises(InputDataError, match="input_target_sum"):
         CellPLMModule(50, input_target_sum=0.0)
+
+
+def test_sample_norm_takes_out_what_a_sample_shares_and_keeps_what_its_cells_differ_in():
+    """Tokens of one sample shifted and scaled feature by feature (a batch effect) normalise to the
+    same tokens; differences between the cells of a sample survive; LayerNorm per cell does not
+    remove the shift."""
+    torch.manual_seed(0)
+    norm = SampleNorm(8, prior_cells=0.0).eval()
+    h = torch.randn(50, 8)
+    shifted = h * (1 + torch.rand(8)) + 3 * torch.randn(8)
+    with torch.no_grad():
+        out = norm(torch.cat([h, shifted]), torch.arange(100) // 50)
+        torch.testing.assert_close(out[:50], out[50:], atol=2e-3, rtol=2e-3)  # up to eps
+        assert out[:50].std(0).min() > 0.1  # the cells still differ
+        layer = torch.nn.functional.layer_norm(torch.cat([h, shifted]), (8,))
+    assert (layer[:50] - layer[50:]).abs().max() > 0.5
+
+
+def test_sample_norm_gives_one_cells_sentence_a_defined_token_and_learns_population_statistics():
+    torch.manual_seed(0)
+    norm = SampleNorm(8)
+    before = norm.running_mean.clone()
+    norm(torch.randn(64, 8) + 5, torch.zeros(64))  # training: the running statistics move
+    assert not torch.equal(norm.running_mean, before)
+    norm.eval()
+    after = norm.running_mean.clone()
+    with torch.no_grad():
+        single = norm(torch.randn(2, 8) + 5, torch.arange(2))  # two one-cell sentences
+    assert torch.equal(norm.running_mean, after)  # not at inference
+    assert torch.isfinite(single).all() and not torch.allclose(single[0], single[1])
+
+
+def test_sample_norm_module_output_depends_on_the_sentence_not_on_the_mini_batch(monkeypatch):
+    """With token_norm="sample" a cell's embedding is set by its own sentence: the same in any
+    row order, next to any other sentence, chunked or not; a sentence with other cells moves it."""
+    from scvi_cellplm.module import _norm
+
+    torch.manual_seed(0)
+    m = CellPLMModule(30, n_hidden=16, n_layers=1, n_heads=2, n_latent=6, latent_distribution="vae",
+                      token_norm="sample").eval()
+    assert m.sample_norm is not None and "embedder.norm.weight" not in m.state_dict()
+    x, sentence = _counts(n=60), torch.arange(60) // 20
+    with torch.no_grad():
+        z = m.inference(x, sentence)["qzm"]
+        perm = torch.randperm(60)
+        torch.testing.assert_close(m.inference(x[perm], sentence[perm])["qzm"], z[perm], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m.inference(x[:20], sentence[:20])["qzm"], z[:20], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(m.inference(x[:20], torch.arange(20) // 10)["qzm"], z[:20], atol=1e-3)
+        monkeypatch.setattr(_norm, "CHUNK_CELLS", 7)
+        torch.testing.assert_close(m.inference(x, sentence)["qzm"], z, atol=1e-5, rtol=1e-5)
+    with torch.enable_grad():
+        torch.testing.assert_close(m.inference(x, sentence)["qzm"].detach(), z, atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputDataError, match="token_norm"):
+        CellPLMModule(30, token_norm="batch")
 
 
 @pytest.mark.parametrize("sparse", [True, False])

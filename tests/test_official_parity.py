@@ -122,15 +122,19 @@ def test_scratch_model_exports_to_official(tmp_path, small_pancreas):
     """A model pretrained from scratch (gene symbols as vocabulary) loads in the official code.
 
     The official code embeds a GMVAE cell with one cluster (compared at the most likely one) and
-    reads raw counts, so the model is asked for that embedding rule instead of the default mixture
-    mean, and for raw-count input; the default (relative expression) is refused with a clear error.
+    reads raw counts and normalises each cell token on its own, so the model is asked for that
+    embedding rule instead of the default mixture mean, for raw-count input and per-cell token
+    norms; the others (relative expression, sample norm) are refused with a clear error.
     """
     CellPLM.setup_anndata(small_pancreas, layer="counts", batch_key="batch")
     kwargs = {"n_hidden": 32, "n_layers": 2, "n_heads": 4, "n_latent": 8, "norm": "groupnorm",
               "gmvae_embedding": "cluster"}
     with pytest.raises(CheckpointError, match="input_target_sum=None"):
         CellPLM(small_pancreas, **kwargs).to_official(str(tmp_path / "refused"))
-    model = CellPLM(small_pancreas, **kwargs, input_target_sum=None)
+    with pytest.raises(CheckpointError, match="token_norm='cell'"):
+        CellPLM(small_pancreas, **kwargs, input_target_sum=None, token_norm="sample").to_official(
+            str(tmp_path / "refused"))
+    model = CellPLM(small_pancreas, **kwargs, input_target_sum=None, token_norm="cell")
     model.train(max_epochs=1, enable_progress_bar=False)
     model.to_official(str(tmp_path / "scratch"))
     reference = official_embedding(str(tmp_path), "scratch", small_pancreas.copy())

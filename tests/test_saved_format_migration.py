@@ -70,6 +70,7 @@ def test_old_gmvae_keeps_its_most_likely_cluster_embedding_after_saving_again(tm
     assert model.module.latent_distribution == "gmvae"
     assert model.module.latent.embedding == "cluster"
     assert model.module.input_target_sum is None  # and reads raw counts, as it was trained to
+    assert model.module.sample_norm is None  # and normalises each cell token on its own
     model.save(str(tmp_path / "new"))
     again = CellPLM.load(str(tmp_path / "new"), adata=saved_adata("cellplm")).module
     assert again.latent.embedding == "cluster" and again.input_target_sum is None

@@ -178,6 +178,7 @@ def config_to_kwargs(config: dict) -> dict[str, Any]:
         # parity: the official GMVAE embeds a cell with one cluster (compared at the most likely one)
         "gmvae_embedding": "cluster",
         "input_target_sum": None,  # the official embedder reads log1p of the raw counts
+        "token_norm": "cell",  # the official embedder's LayerNorm/GroupNorm of each cell token
     }
 
 
@@ -314,6 +315,11 @@ def model_to_config(model) -> dict:
         raise CheckpointError(
             "The official embedder reads raw counts: export a model built with "
             "`CellPLM(adata, input_target_sum=None)`."
+        )
+    if getattr(module, "sample_norm", None) is not None:
+        raise CheckpointError(
+            "The official network normalises each cell token on its own: export a model built "
+            "with `CellPLM(adata, token_norm='cell')`."
         )
     first = module.decoder.covariates[0] if len(module.decoder.covariates) else {}
     n_batch = first[COVARIATES.BATCH].embedding.num_embeddings if COVARIATES.BATCH in first else 0

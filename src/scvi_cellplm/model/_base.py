@@ -23,7 +23,7 @@ from ..data import SentenceDataSplitter, make_windower, registered_gene_ids, reg
 from ..data._selection import highly_variable_genes
 from ..data._statistics import log1p_means, measured_genes, to_vocabulary
 from ..module import CellPLMModule
-from ..module._norm import Norm
+from ..module._norm import Norm, TokenNorm
 from ..module.attention import AttentionKind
 from ..module.latent import GMVAEEmbedding, LatentDistribution
 from ..module.positional import PositionalEncodingKind
@@ -77,6 +77,7 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
         n_spatial_neighbors: int = 0,
         n_top_genes: int | None = 2000,
         input_target_sum: float | None = 1e4,
+        token_norm: TokenNorm = "cell",
         **module_kwargs,
     ) -> None:
         super().__init__(adata)
@@ -162,6 +163,7 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
             dataset_gene_mask=vocabulary_panels,
             n_spatial_neighbors=n_spatial_neighbors,
             input_target_sum=input_target_sum,
+            token_norm=token_norm,
             **center,
             **module_kwargs,
         )

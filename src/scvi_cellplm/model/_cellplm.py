@@ -100,6 +100,13 @@ class CellPLM(LatentMixin, ExpressionMixin, OfficialCheckpointMixin, PretrainedM
         depth does not move the embedding (the decoder still uses each cell's library).
         ``None``: raw counts, as the official embedder (official checkpoints, models saved by
         earlier versions, ``center_input=True`` and ``gene_likelihood="gaussian"`` models).
+    token_norm
+        How cell tokens are normalised before the transformer. ``"cell"`` (default; the official
+        architecture): each token on its own (``norm``), and a LayerNorm after the transformer.
+        ``"sample"``: each token feature standardised over the cells of the token's sentence (its
+        sample, or a window of a large one; :class:`~scvi_cellplm.module.SampleNorm`), which takes
+        out what a sample's cells share (a batch's shift) and keeps how they differ; no norm after
+        the transformer. Models with ``"sample"`` cannot be exported to the official format.
     **module_kwargs
         Passed to :class:`~scvi_cellplm.module.CellPLMModule` (e.g. ``kl_free_bits``).
 

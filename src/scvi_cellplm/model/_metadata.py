@@ -34,7 +34,8 @@ INT_PARAMS = {
 FLOAT_PARAMS = {"dropout": (0.0, 1.0, False), "target_sum": (1e-12, 1e12, False), "kl_free_bits": (0.0, 1e6, False),
                 "gmvae_gaussian_weight": (0.0, 1e6, False), "gmvae_categorical_weight": (0.0, 1e6, False),
                 "class_balance": (0.0, 1e3, False), "input_target_sum": (1e-12, 1e12, True)}
-STR_PARAMS = ("latent_distribution", "gmvae_embedding", "attention", "positional_encoding", "norm", "gene_likelihood")
+STR_PARAMS = ("latent_distribution", "gmvae_embedding", "attention", "positional_encoding", "norm", "gene_likelihood",
+              "token_norm")
 BOOL_PARAMS = ("batch_in_decoder", "center_input", "freeze_encoder", "zero_perturbed_genes",
                "embed_shared_genes")
 # lists of names: must the names be distinct?

@@ -343,6 +343,7 @@ def load_model(cls, dir_path, adata, accelerator, device, prefix, overrides: dic
         # files of earlier versions (no such key) embed a GMVAE with its most likely cluster
         kwargs.setdefault("gmvae_embedding", metadata.get("gmvae_embedding", "cluster"))
         kwargs.setdefault("input_target_sum", metadata.get("input_target_sum"))  # earlier: raw counts
+        kwargs.setdefault("token_norm", "cell")  # earlier versions: each cell token on its own
         kwargs["gene_vocabulary"] = saved_vocabulary(metadata, manager)
         kwargs.update(table_sizes(state, "backbone." if any(k.startswith("backbone.") for k in state) else ""))
         kwargs.update(cls._load_kwargs(metadata, registry))

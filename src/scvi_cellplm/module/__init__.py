@@ -1,6 +1,7 @@
 """Pure-torch CellPLM network and its parts."""
 
 from ._module import CellPLMModule, dense
+from ._norm import SampleNorm
 from ._perturbation import CellPLMPerturbationModule
 from .attention import FlowAttention, SoftmaxAttention
 from .decoder import NBDecoder
@@ -21,6 +22,7 @@ __all__ = [
     "NBDecoder",
     "NeighbourhoodAttention",
     "PositionalEncoding",
+    "SampleNorm",
     "SoftmaxAttention",
     "VAELatent",
     "dense",

@@ -13,7 +13,7 @@ from .._constants import MODULE_KEYS, REGISTRY_KEYS
 from .._exceptions import InputDataError
 from ._chunks import rows_per_chunk
 from ._loss import DECODER_HIDDEN_KEY, gaussian_nll, nb_nll, nb_recon_terms
-from ._norm import Norm
+from ._norm import Norm, SampleNorm, TokenNorm
 from .attention import AttentionKind
 from .decoder import NBDecoder
 from .embedder import GeneEmbedder, csr_row_chunks, scale_rows
@@ -108,6 +108,11 @@ class CellPLMModule(BaseModuleClass):
         genes every dataset measured with ``embed_shared_genes``), to this total before ``log1p``, as
         scanpy's ``normalize_total``, so the embedder reads relative expression; the decoder still
         uses the observed library. ``None`` (default; the official embedder): raw counts.
+    token_norm
+        ``"cell"`` (default; the official architecture): each cell token normalised on its own
+        (``norm``), and a LayerNorm after the transformer. ``"sample"``: each token feature
+        standardised over the cells of the token's sentence (:class:`SampleNorm`, then ReLU), no
+        LayerNorm after the transformer.
     """
 
     def __init__(
@@ -140,6 +145,7 @@ class CellPLMModule(BaseModuleClass):
         input_center: torch.Tensor | None = None,
         n_spatial_neighbors: int = 0,
         input_target_sum: float | None = None,
+        token_norm: TokenNorm = "cell",
     ) -> None:
         super().__init__()
         if gene_likelihood not in ("nb", "gaussian"):
@@ -176,7 +182,11 @@ class CellPLMModule(BaseModuleClass):
         # training loss over the measured genes, zeros in closed form (_loss.py); False: dense
         self.sparse_loss = True
 
-        self.embedder = GeneEmbedder(n_genes, n_hidden, dropout=dropout, norm=norm)
+        if token_norm not in ("cell", "sample"):
+            raise InputDataError(f"`token_norm` must be 'cell' or 'sample', got {token_norm!r}.")
+        self.embedder = GeneEmbedder(n_genes, n_hidden, dropout=dropout,
+                                     norm=norm if token_norm == "cell" else None)
+        self.sample_norm = SampleNorm(n_hidden) if token_norm == "sample" else None
         self.pos_encoder = (
             None
             if positional_encoding == "none"
@@ -187,7 +197,8 @@ class CellPLMModule(BaseModuleClass):
             if n_spatial_neighbors
             else None
         )
-        self.encoder = CellEncoder(n_hidden, n_layers, n_heads, attention=attention, dropout=dropout)
+        self.encoder = CellEncoder(n_hidden, n_layers, n_heads, attention=attention, dropout=dropout,
+                                   final_norm=token_norm == "cell")
         self.latent = make_latent(latent_distribution, n_hidden, n_latent, n_clusters, gmvae_embedding)
         self.decoder = NBDecoder(
             n_latent,
@@ -290,6 +301,8 @@ class CellPLMModule(BaseModuleClass):
         if self.neighbourhood is not None:  # mixed in the linear expression space
             h = self.neighbourhood(h, coords, sentence)
         h = self.embedder.tokens(h, positional)
+        if self.sample_norm is not None:
+            h = self.sample_norm(h, sentence)
         if token_offset is not None:
             h = h + token_offset
         return self.encoder(h, sentence)

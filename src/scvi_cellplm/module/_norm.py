@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import nn
 
 from .._exceptions import InputDataError
+from ._chunks import rows_per_chunk
 
 Norm = Literal["layernorm", "groupnorm"]
+CHUNK_CELLS = 4096
+"""Cells per chunk of :class:`SampleNorm` at inference."""
 N_GROUPS = 4
 """Groups of :class:`torch.nn.GroupNorm`, as in the official CellPLM checkpoints."""
 
@@ -20,3 +24,72 @@ def make_norm(norm: Norm, n_features: int) -> nn.Module:
     if norm == "groupnorm":
         return nn.GroupNorm(N_GROUPS, n_features)
     raise InputDataError(f"`norm` must be 'layernorm' or 'groupnorm', got {norm!r}.")
+
+
+TokenNorm = Literal["cell", "sample"]
+
+
+class SampleNorm(nn.Module):
+    """Standardise each token feature over the cells of its sentence, then scale, shift and ReLU.
+
+    The cells of one sentence come from one sample, so each sample's tokens are centred and scaled
+    feature by feature (a BatchNorm whose statistics are those of the token's own sample, in
+    training and at inference alike): what all cells of a sample share, such as its batch's shift,
+    is taken out before the transformer, while differences between the cells of a sample, such as
+    the amount of RNA of a cell type, are kept (a per-cell LayerNorm removes them). A sentence's
+    statistics are shrunk towards population statistics (running averages over training) as if
+    they held ``prior_cells`` more cells, so sentences of a few cells, down to one, stay defined.
+
+    Parameters
+    ----------
+    n_features
+        Width of the tokens.
+    prior_cells
+        Weight, in cells, of the population statistics in each sentence's statistics.
+    momentum
+        Update rate of the running population statistics in training.
+    eps
+        Added to the variance.
+    """
+
+    def __init__(self, n_features: int, prior_cells: float = 16.0, momentum: float = 0.01,
+                 eps: float = 1e-3) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_features))
+        self.bias = nn.Parameter(torch.zeros(n_features))
+        self.register_buffer("running_mean", torch.zeros(n_features))
+        self.register_buffer("running_var", torch.ones(n_features))
+        self.prior_cells, self.momentum, self.eps = prior_cells, momentum, eps
+
+    def statistics(self, h: torch.Tensor, sentence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Shrunk mean and variance ``(n_sentences, n_features)`` and each cell's sentence."""
+        _, inverse, counts = torch.unique(sentence.view(-1), return_inverse=True, return_counts=True)
+        h = h.float()
+        n = counts.to(h.dtype).unsqueeze(1)
+        total = n + self.prior_cells
+        mean = (h.new_zeros(len(counts), h.shape[1]).index_add_(0, inverse, h)
+                + self.prior_cells * self.running_mean) / total
+        spread = h.new_zeros(len(counts), h.shape[1]).index_add_(0, inverse, (h - mean[inverse]).square())
+        var = (spread + self.prior_cells * (self.running_var + (mean - self.running_mean).square())) / total
+        if self.training:
+            with torch.no_grad():  # population: the cells' mean, the mean within-sentence variance
+                pooled_mean = h.mean(0)
+                pooled_var = (spread.sum(0) / h.shape[0]).clamp(min=0.0)
+                self.running_mean.lerp_(pooled_mean, self.momentum)
+                self.running_var.lerp_(pooled_var, self.momentum)
+        return mean, var, inverse
+
+    def forward(self, h: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
+        """Normalised tokens ``(n_cells, n_features)``; without autograd ``h`` is overwritten."""
+        if h.shape[0] == 0:
+            return h
+        mean, var, inverse = self.statistics(h, sentence)
+        scale = self.weight / torch.sqrt(var + self.eps)  # (n_sentences, n_features)
+        shift = self.bias - mean * scale
+        if torch.is_grad_enabled():
+            return torch.relu(h * scale[inverse] + shift[inverse])
+        chunk = rows_per_chunk(CHUNK_CELLS, h.device, h.shape[1])
+        for start in range(0, h.shape[0], chunk):  # inference: in place, row chunks
+            rows, which = h[start : start + chunk], inverse[start : start + chunk]
+            rows.mul_(scale[which]).add_(shift[which]).relu_()
+        return h

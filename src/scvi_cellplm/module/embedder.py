@@ -116,15 +116,15 @@ class GeneEmbedder(nn.Module):
     dropout
         Dropout after the projection.
     norm
-        Normalisation after the projection.
+        Normalisation after the projection; ``None``: none (the caller normalises the tokens).
     """
 
-    def __init__(self, n_genes: int, n_hidden: int, *, dropout: float, norm: Norm) -> None:
+    def __init__(self, n_genes: int, n_hidden: int, *, dropout: float, norm: Norm | None) -> None:
         super().__init__()
         self.gene_table = nn.Parameter(torch.randn(n_genes, n_hidden) * 0.005)
         self.proj = nn.Linear(n_hidden, n_hidden)
         self.dropout = nn.Dropout(dropout)
-        self.norm = make_norm(norm, n_hidden)
+        self.norm = make_norm(norm, n_hidden) if norm is not None else nn.Identity()
 
     def table_for(
         self, gene_index: torch.Tensor | None, keep: torch.Tensor | None = None

@@ -73,16 +73,17 @@ def pad_sentences(h: torch.Tensor, sentence: torch.Tensor):
 
 
 class CellEncoder(nn.Module):
-    """Stack of :class:`Block` followed by a LayerNorm (the official pre-latent norm)."""
+    """Stack of :class:`Block` followed by a LayerNorm (the official pre-latent norm; ``final_norm``)."""
 
     def __init__(
-        self, n_hidden: int, n_layers: int, n_heads: int, *, attention: AttentionKind, dropout: float
+        self, n_hidden: int, n_layers: int, n_heads: int, *, attention: AttentionKind, dropout: float,
+        final_norm: bool = True,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
             Block(n_hidden, n_heads, attention=attention, dropout=dropout) for _ in range(n_layers)
         )
-        self.final_norm = nn.LayerNorm(n_hidden)
+        self.final_norm = nn.LayerNorm(n_hidden) if final_norm else nn.Identity()
 
     def forward(self, h: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
         """Contextualised tokens ``(n_cells, n_hidden)``; cells attend only within their sentence.
@@ -97,7 +98,7 @@ class CellEncoder(nn.Module):
             x = block(x, valid, workspace)
         workspace.release()
         out = x[0] if x.shape[0] == 1 else x[where]
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or isinstance(self.final_norm, nn.Identity):
             return self.final_norm(out)
         chunk = rows_per_chunk(CHUNK_TOKENS, out.device, out.shape[-1])
         for start in range(0, out.shape[0], chunk):  # inference: in place
