@@ -125,9 +125,10 @@ def test_large_samples_are_windowed_not_chunked(small_pancreas):
     assert model.get_latent_representation().shape[0] == small_pancreas.n_obs
 
 
-def test_sample_token_norm_model_saves_and_reads_genes_by_identity(small_pancreas, tmp_path):
-    """A model whose tokens are normalised over their sample loads as it was saved, and embeds a
-    copy of its data with the genes in another order exactly as its own."""
+def test_sample_token_norm_model_saves_reads_genes_by_identity_and_maps_queries(small_pancreas, tmp_path):
+    """A model whose tokens are normalised over their sample loads as it was saved, embeds a copy
+    of its data with the genes in another order exactly as its own, and keeps its population
+    statistics while a query (a new batch) is mapped onto it."""
     CellPLM.setup_anndata(small_pancreas, layer="counts", batch_key="batch")
     model = CellPLM(small_pancreas, token_norm="sample", **TINY)
     model.train(max_steps=20, max_cells_per_batch=64, enable_progress_bar=False)
@@ -138,6 +139,13 @@ def test_sample_token_norm_model_saves_and_reads_genes_by_identity(small_pancrea
     np.testing.assert_array_equal(loaded.get_latent_representation(), z)
     shuffled = small_pancreas[:, np.random.default_rng(0).permutation(small_pancreas.n_vars)].copy()
     np.testing.assert_allclose(model.get_latent_representation(shuffled), z, atol=1e-5)
+    query = small_pancreas[small_pancreas.obs["batch"] == small_pancreas.obs["batch"].iloc[0]].copy()
+    query.obs["batch"] = "new_lib"
+    mapped = CellPLM.load_query_data(query, model)
+    mapped.train(max_steps=5, enable_progress_bar=False)
+    torch.testing.assert_close(mapped.module.sample_norm.running_mean, model.module.sample_norm.running_mean,
+                               rtol=0, atol=0)
+    np.testing.assert_allclose(mapped.get_latent_representation(small_pancreas.copy()), z, atol=1e-6)
 
 
 def test_save_load_round_trip_gives_identical_embeddings(trained_small, small_pancreas, tmp_path):

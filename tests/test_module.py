@@ -187,6 +187,10 @@ def test_sample_norm_gives_one_cells_sentence_a_defined_token_and_learns_populat
     before = norm.running_mean.clone()
     norm(torch.randn(64, 8) + 5, torch.zeros(64))  # training: the running statistics move
     assert not torch.equal(norm.running_mean, before)
+    norm.requires_grad_(False)  # frozen (a query model's reference part): so are its statistics
+    frozen = norm.running_mean.clone()
+    norm(torch.randn(64, 8) - 5, torch.zeros(64))
+    assert torch.equal(norm.running_mean, frozen)
     norm.eval()
     after = norm.running_mean.clone()
     with torch.no_grad():

@@ -311,15 +311,12 @@ def model_to_config(model) -> dict:
             "The official format has no working positional encoding (the official code zeroes "
             "it): export a model with positional_encoding='none'."
         )
-    if getattr(module, "input_target_sum", None) is not None:
+    needs = {"input_target_sum=None": getattr(module, "input_target_sum", None) is not None,
+             "token_norm='cell'": getattr(module, "sample_norm", None) is not None}
+    if any(needs.values()):
         raise CheckpointError(
-            "The official embedder reads raw counts: export a model built with "
-            "`CellPLM(adata, input_target_sum=None)`."
-        )
-    if getattr(module, "sample_norm", None) is not None:
-        raise CheckpointError(
-            "The official network normalises each cell token on its own: export a model built "
-            "with `CellPLM(adata, token_norm='cell')`."
+            "The official network reads raw counts and normalises each cell token on its own: "
+            f"export a model built with `CellPLM(adata, {', '.join(k for k, v in needs.items() if v)})`."
         )
     first = module.decoder.covariates[0] if len(module.decoder.covariates) else {}
     n_batch = first[COVARIATES.BATCH].embedding.num_embeddings if COVARIATES.BATCH in first else 0

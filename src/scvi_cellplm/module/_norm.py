@@ -64,20 +64,19 @@ class SampleNorm(nn.Module):
     def statistics(self, h: torch.Tensor, sentence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Shrunk mean and variance ``(n_sentences, n_features)`` and each cell's sentence."""
         _, inverse, counts = torch.unique(sentence.view(-1), return_inverse=True, return_counts=True)
-        h = h.float()
+        h = h.double()  # sums over thousands of cells: float64, so results hold to float32 rounding
         n = counts.to(h.dtype).unsqueeze(1)
         total = n + self.prior_cells
-        mean = (h.new_zeros(len(counts), h.shape[1]).index_add_(0, inverse, h)
-                + self.prior_cells * self.running_mean) / total
-        spread = h.new_zeros(len(counts), h.shape[1]).index_add_(0, inverse, (h - mean[inverse]).square())
-        var = (spread + self.prior_cells * (self.running_var + (mean - self.running_mean).square())) / total
-        if self.training:
+        running_mean, running_var = self.running_mean.double(), self.running_var.double()
+        sums = h.new_zeros(len(counts), h.shape[1])
+        mean = (sums.index_add(0, inverse, h) + self.prior_cells * running_mean) / total
+        spread = sums.index_add(0, inverse, (h - mean[inverse]).square())
+        var = (spread + self.prior_cells * (running_var + (mean - running_mean).square())) / total
+        if self.training and self.weight.requires_grad:  # frozen (a query model): statistics too
             with torch.no_grad():  # population: the cells' mean, the mean within-sentence variance
-                pooled_mean = h.mean(0)
-                pooled_var = (spread.sum(0) / h.shape[0]).clamp(min=0.0)
-                self.running_mean.lerp_(pooled_mean, self.momentum)
-                self.running_var.lerp_(pooled_var, self.momentum)
-        return mean, var, inverse
+                self.running_mean.lerp_(h.mean(0).float(), self.momentum)
+                self.running_var.lerp_((spread.sum(0) / h.shape[0]).float(), self.momentum)
+        return mean.float(), var.float(), inverse
 
     def forward(self, h: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
         """Normalised tokens ``(n_cells, n_features)``; without autograd ``h`` is overwritten."""
@@ -85,11 +84,10 @@ class SampleNorm(nn.Module):
             return h
         mean, var, inverse = self.statistics(h, sentence)
         scale = self.weight / torch.sqrt(var + self.eps)  # (n_sentences, n_features)
-        shift = self.bias - mean * scale
         if torch.is_grad_enabled():
-            return torch.relu(h * scale[inverse] + shift[inverse])
+            return torch.relu((h - mean[inverse]) * scale[inverse] + self.bias)
         chunk = rows_per_chunk(CHUNK_CELLS, h.device, h.shape[1])
         for start in range(0, h.shape[0], chunk):  # inference: in place, row chunks
             rows, which = h[start : start + chunk], inverse[start : start + chunk]
-            rows.mul_(scale[which]).add_(shift[which]).relu_()
+            rows.sub_(mean[which]).mul_(scale[which]).add_(self.bias).relu_()
         return h
