@@ -35,10 +35,12 @@ class SampleNorm(nn.Module):
     The cells of one sentence come from one sample, so each sample's tokens are centred and scaled
     feature by feature (a BatchNorm whose statistics are those of the token's own sample, in
     training and at inference alike): what all cells of a sample share, such as its batch's shift,
-    is taken out before the transformer, while differences between the cells of a sample, such as
-    the amount of RNA of a cell type, are kept (a per-cell LayerNorm removes them). A sentence's
-    statistics are shrunk towards population statistics (running averages over training) as if
-    they held ``prior_cells`` more cells, so sentences of a few cells, down to one, stay defined.
+    is taken out before the transformer, while differences between its cells are kept, including
+    a cell's overall level against the others (which a per-cell LayerNorm removes). A sample above
+    the sentence budget is windowed (in expression or in space), and each window is standardised
+    over its own cells. A sentence's statistics are shrunk towards population statistics (running
+    averages over training) as if they held ``prior_cells`` more cells, so sentences of a few
+    cells, down to one, stay defined.
 
     Parameters
     ----------
