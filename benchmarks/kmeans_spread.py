@@ -11,11 +11,14 @@ method next to each other.
 
     python benchmarks/kmeans_spread.py --datasets mouse_brain --seeds 0 1 2 --threads 1
     python benchmarks/kmeans_spread.py --methods pca --datasets mouse_brain   # seconds
+    python benchmarks/kmeans_spread.py --methods cellplm --label "token_norm sample" \
+        --cellplm-model '{"token_norm": "sample"}'      # a CellPLM variant, as in quality.py
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -45,7 +48,13 @@ def main() -> int:
     parser.add_argument("--starts", type=int, default=20, help="k-means starts (seeds) per embedding")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "kmeans_spread_runs.jsonl")
+    parser.add_argument("--cellplm-model", type=json.loads, default={}, help="JSON kwargs of CellPLM()")
+    parser.add_argument("--cellplm-train", type=json.loads, default={}, help="JSON kwargs of train()")
+    parser.add_argument("--label", default=None, help="CellPLM variant: cached as 'cellplm (LABEL)'")
     args = parser.parse_args()
+    if (args.cellplm_model or args.cellplm_train) and not args.label:
+        parser.error("--cellplm-model/--cellplm-train need --label (the variant's name in the cache).")
+    named = {m: f"{m} ({args.label})" if args.label and m == "cellplm" else m for m in args.methods}
 
     quiet_torch(args.threads)
     cached = read_cache(args.cache)
@@ -55,15 +64,15 @@ def main() -> int:
         labels = adata.obs["_labels"].to_numpy()
         for seed in args.seeds:
             for method in args.methods:
-                if (name, method, seed, args.starts) in done:
+                if (name, named[method], seed, args.starts) in done:
                     continue
                 start = time.perf_counter()
-                emb, _ = embed(method, adata, seed, {}, {}, DATASETS[name][2])
-                record = {"dataset": name, "method": method, "seed": seed, "starts": args.starts,
+                emb, _ = embed(method, adata, seed, args.cellplm_model, args.cellplm_train, DATASETS[name][2])
+                record = {"dataset": name, "method": named[method], "seed": seed, "starts": args.starts,
                           "seconds": time.perf_counter() - start,
                           **kmeans_scores(emb, labels, args.starts)}
                 append_run(args.cache, cached, record)
-                print(f"{name} {method} seed {seed}: KMeans ARI at scib's start "
+                print(f"{name} {named[method]} seed {seed}: KMeans ARI at scib's start "
                       f"{record['ari_start0']:.3f}, over {args.starts} starts "
                       f"{np.mean(record['ari']):.3f} ± {np.std(record['ari']):.3f}", flush=True)
     print("\n| dataset | method | seeds | KMeans ARI, scib's start | KMeans ARI, mean of starts | "
@@ -71,7 +80,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     for name in args.datasets:
         for method in args.methods:
-            rows = [r for r in cached if r["dataset"] == name and r["method"] == method
+            rows = [r for r in cached if r["dataset"] == name and r["method"] == named[method]
                     and r["starts"] == args.starts and r["seed"] in args.seeds]
             if not rows:
                 continue
@@ -81,7 +90,7 @@ def main() -> int:
                 every = [v for r in rows for v in r[key]]  # all starts of all seeds
                 cells += [f"{np.mean(first):.3f} ± {np.std(first):.3f}",
                           f"{np.mean(every):.3f} ± {np.std(every):.3f}"]
-            print(f"| {name} | {method} | {len(rows)} | " + " | ".join(cells) + " |")
+            print(f"| {name} | {named[method]} | {len(rows)} | " + " | ".join(cells) + " |")
     return 0
 
 
