@@ -66,17 +66,23 @@ class SampleNorm(nn.Module):
     def statistics(self, h: torch.Tensor, sentence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Shrunk mean and variance ``(n_sentences, n_features)`` and each cell's sentence."""
         _, inverse, counts = torch.unique(sentence.view(-1), return_inverse=True, return_counts=True)
-        h = h.double()  # sums over thousands of cells: float64, so results hold to float32 rounding
-        n = counts.to(h.dtype).unsqueeze(1)
-        total = n + self.prior_cells
+        # sums over thousands of cells in float64 (results hold to float32 rounding), over row
+        # chunks so the float64 temporaries stay bounded at large sentences
+        step = rows_per_chunk(CHUNK_CELLS, h.device, h.shape[1])
+        chunks = [slice(start, start + step) for start in range(0, h.shape[0], step)]
         running_mean, running_var = self.running_mean.double(), self.running_var.double()
-        sums = h.new_zeros(len(counts), h.shape[1])
-        mean = (sums.index_add(0, inverse, h) + self.prior_cells * running_mean) / total
-        spread = sums.index_add(0, inverse, (h - mean[inverse]).square())
+        total = counts.double().unsqueeze(1) + self.prior_cells
+        sums = torch.zeros(len(counts), h.shape[1], dtype=torch.float64, device=h.device)
+        for rows in chunks:
+            sums = sums.index_add(0, inverse[rows], h[rows].double())
+        mean = (sums + self.prior_cells * running_mean) / total
+        spread = torch.zeros_like(sums)
+        for rows in chunks:
+            spread = spread.index_add(0, inverse[rows], (h[rows].double() - mean[inverse[rows]]).square())
         var = (spread + self.prior_cells * (running_var + (mean - running_mean).square())) / total
         if self.training and self.weight.requires_grad:  # frozen (a query model): statistics too
             with torch.no_grad():  # population: the cells' mean, the mean within-sentence variance
-                self.running_mean.lerp_(h.mean(0).float(), self.momentum)
+                self.running_mean.lerp_((sums.sum(0) / h.shape[0]).float(), self.momentum)
                 self.running_var.lerp_((spread.sum(0) / h.shape[0]).float(), self.momentum)
         return mean.float(), var.float(), inverse
 
