@@ -197,6 +197,26 @@ def test_adamw_eps_is_a_training_plan_setting(small_pancreas):
     assert model.trainer.gradient_clip_val == 1.0  # the default clipping
 
 
+def test_learning_rate_is_smaller_without_batches_to_remove(small_pancreas):
+    """One registered batch: 2e-4; two or more (the adversary removes them): 1e-3; ``lr=`` wins."""
+    def trained_lr(adata, train=None, **setup):
+        CellPLM.setup_anndata(adata, layer="counts", **setup)
+        model = CellPLM(adata, **TINY)
+        model.train(max_steps=2, enable_progress_bar=False, **(train or {}))
+        plan = model.trainer.lightning_module
+        return plan.lr, plan.optimizers().optimizer.defaults["lr"]
+
+    one = small_pancreas[small_pancreas.obs["batch"] == small_pancreas.obs["batch"].iloc[0]].copy()
+    assert trained_lr(one) == (2e-4, 2e-4)  # no batch key
+    assert trained_lr(one.copy(), batch_key="batch")[0] == 2e-4  # a batch key with one batch
+    assert trained_lr(small_pancreas.copy(), batch_key="batch")[0] == 1e-3
+    assert trained_lr(small_pancreas.copy(), sample_key="batch")[0] == 2e-4  # samples are not batches
+    assert trained_lr(one.copy(), {"lr": 5e-4})[0] == 5e-4
+    assert trained_lr(one.copy(), {"plan_kwargs": {"lr": 3e-3}})[0] == 3e-3
+    one.obsm["spatial"] = np.random.default_rng(0).random((one.n_obs, 2))
+    assert trained_lr(one, spatial_key="spatial")[0] == 1e-3  # spatial training keeps its rate
+
+
 def test_pretraining_and_imputation_keep_every_gene_of_their_vocabulary():
     """n_top_genes selects genes of a user AnnData only: a corpus keeps its whole vocabulary."""
     import anndata as ad

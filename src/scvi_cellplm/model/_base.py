@@ -51,6 +51,8 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
     _plan_defaults: dict = {}  # training-plan defaults of this kind of model
     _train_cells: int | None = None  # training sentence budget (None: the model's)
     _train_sentences: str = "windows"  # how training sentences are drawn (see SentenceDataSplitter)
+    _lr: float = 1e-3  # train()'s default peak learning rate
+    _single_batch_lr: float | None = None  # its default on one batch without coordinates (None: _lr)
 
     def __init__(
         self,
@@ -185,6 +187,15 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
         logger.info(self._model_summary_string)
         self.init_params_ = self._get_init_params(locals())
 
+    def _default_lr(self, spatial: bool, frozen: bool) -> float:
+        """``train()``'s learning rate when none is given (see its ``lr``)."""
+        single = self._single_batch_lr is not None and self.summary_stats.get("n_batch", 1) < 2
+        if single and not spatial and not frozen:
+            logger.info("Learning rate %g: one registered batch (with batches: %g).",
+                        self._single_batch_lr, self._lr)
+            return self._single_batch_lr
+        return self._lr
+
     # ------------------------------------------------------------------ data
     def _setup_args(self, adata_manager=None) -> dict:
         return (adata_manager or self.adata_manager).registry["setup_args"]
@@ -234,7 +245,7 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
         self,
         max_epochs: int | None = None,
         *,
-        lr: float = 1e-3,
+        lr: float | None = None,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         validation_size: float = 0.1,
@@ -258,7 +269,11 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
             ``400 * n_cells / max_cells_per_batch``, between 1,000 and 20,000), or for
             ``max_steps`` when that is given.
         lr
-            Peak AdamW learning rate.
+            Peak AdamW learning rate. Default: 1e-3; for :class:`~scvi_cellplm.CellPLM` on data
+            without coordinates and with fewer than two registered batches, 2e-4 (a model
+            without batches to remove keeps its cell types more compact at the smaller step, one
+            with batches needs the larger one to remove them; see docs/user_guide/quality.md).
+            Models with frozen weights (query models) keep 1e-3.
         accelerator, devices
             Lightning device selection (``"gpu"`` uses CUDA when present).
         validation_size
@@ -304,6 +319,8 @@ class CellPLMBase(HubMixin, SentenceInferenceMixin, BaseModelClass):
                         max_epochs, steps_per_epoch, max_cells_per_batch, max_epochs * steps_per_epoch)
         defaults = dict(self._plan_defaults)
         frozen = any(not p.requires_grad for p in self.module.parameters())
+        if lr is None:
+            lr = self._default_lr(spatial, frozen)
         if frozen:
             defaults["weight_decay"] = 0.0
         # no batch adversary for a query model (it keeps the reference's latent) or a decoder

@@ -122,6 +122,7 @@ class CellPLM(LatentMixin, ExpressionMixin, OfficialCheckpointMixin, PretrainedM
     _train_cells = 256  # training sentences (data without coordinates); see CellPLMBase.train
     _train_sentences = "random"
     _plan_defaults = {"batch_adversarial_weight": 5.0}  # see docs/user_guide/quality.md
+    _single_batch_lr = 2e-4  # no batches to remove: the smaller step (docs/user_guide/quality.md)
 
     # ------------------------------------------------------------------ setup
     @classmethod
