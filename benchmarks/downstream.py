@@ -44,6 +44,7 @@ PBMC = SHARED / "pbmc3k_raw.h5ad"
 # CellPLM at its defaults (`CellPLM(adata)`, `train()`: the step budget on 256-cell random
 # sentences); the annotator at its defaults (windows of 128 cells, 20 epochs)
 CELLPLM: dict = {}
+CELLPLM_TRAIN: dict = {}
 CELLPLM_EPOCHS = None
 ANNOTATOR_TRAIN = {"max_epochs": 20}
 SCANVI_TRAIN = {"max_epochs": 20, "n_samples_per_label": 100}
@@ -77,7 +78,7 @@ def train_cellplm(adata, epochs: int | None, seed: int):
 
     CellPLM.setup_anndata(adata, layer="counts", batch_key="batch" if "batch" in adata.obs else None)
     model = CellPLM(adata, **CELLPLM)
-    model.train(max_epochs=epochs, enable_progress_bar=False, seed=seed)
+    model.train(max_epochs=epochs, enable_progress_bar=False, seed=seed, **CELLPLM_TRAIN)
     return model
 
 
@@ -212,8 +213,11 @@ def main() -> int:
                         help="CellPLM rows only (compare with an earlier full run)")
     parser.add_argument("--cellplm-model", type=json.loads, default={},
                         help='JSON kwargs of CellPLM() on top of the defaults, e.g. \'{"n_latent": 32}\'')
+    parser.add_argument("--cellplm-train", type=json.loads, default={},
+                        help='JSON kwargs of CellPLM.train(), e.g. \'{"plan_kwargs": {"max_kl_weight": 2.0}}\'')
     args = parser.parse_args()
     CELLPLM.update(args.cellplm_model)
+    CELLPLM_TRAIN.update(args.cellplm_train)
     if not PANCREAS.exists() or not PBMC.exists():
         print(f"needs {PANCREAS} and {PBMC} (the shared data folder)")
         return 1
