@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY
+from pretrain_helpers import one_thread  # noqa: F401  (fixture)
 from scipy import sparse
 
 import scvi_cellplm
@@ -201,12 +202,12 @@ def test_center_input_is_the_mean_over_measuring_cells_and_is_saved(panel_and_re
     torch.testing.assert_close(loaded.module.input_center, model.module.input_center)
 
 
+@pytest.mark.usefixtures("one_thread")  # restores the thread count for the tests after it
 def test_impute_genes_on_a_dense_merfish_panel_is_not_the_mean_profile():
     """Regression (issue: NB imputation on MERFISH at r=0.04 against kNN's 0.47): every gene is
     detected in almost every MERFISH cell, and the uncentred embedder collapsed all cells onto one
     token (gene-table gradients all alike), so predictions were the mean profile times the library
     (per-gene Pearson ~0.08 here). Centred input and masked entries read as the centre fix it."""
-    torch.set_num_threads(1)
     spatial, reference, hidden, truth, library = _merfish_panel_and_reference()
     pred, model = impute_genes(spatial, reference, hidden, positional_encoding="none", max_epochs=30,
                                key_added=None, train_kwargs={"seed": 0})
