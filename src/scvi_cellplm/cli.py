@@ -67,9 +67,9 @@ def _demo(args: argparse.Namespace) -> int:
         console.print(
             "CellPLM is behind PCA at this one resolution: Leiden splits its large beta-cell population "
             "(872 of 1,937 cells) into several clusters. Scored over resolutions and with scib-metrics on "
-            "the same pancreas cells (5 seeds), CellPLM is ahead of PCA (total 0.75 vs 0.68, swept ARI 0.86 "
+            "the same pancreas cells (7 seeds), CellPLM is ahead of PCA (total 0.75 vs 0.68, swept ARI 0.86 "
             "vs 0.78) and of scVI on batch correction, and slightly behind scVI's total and swept ARI "
-            "(0.003 and 0.04): docs/user_guide/quality.md."
+            "(0.002 and 0.03): docs/user_guide/quality.md."
         )
     console.print(f"Wrote {result.h5ad} and {result.figure} in {result.seconds:.0f} s.")
     return 0
